@@ -1,0 +1,58 @@
+"""`em` console script: one sub-command per entry point, plus tools.
+
+    em train --config configs/train/tiny.yaml [--key value ...]
+    em metrics judged.csv [--json]
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from em_core.errors import EmLabError
+
+# sub-command -> "module:function" taking argv and returning an exit code
+COMMANDS = {
+    "train": "entrypoints.train:main",
+    "metrics": "em_core.metrics_cli:main",
+}
+
+
+class _ScrubSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from em_core.tracking import scrub
+
+        record.msg = scrub(str(record.msg))
+        if record.args:
+            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:
+        h.addFilter(_ScrubSecrets())
+
+
+def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
+    """Run an entry point: user errors print one clear line and exit 2, no traceback."""
+    setup_logging()
+    try:
+        return int(fn(list(sys.argv[1:] if argv is None else argv)) or 0)
+    except EmLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module, func = COMMANDS[argv[0]].split(":")
+    return getattr(importlib.import_module(module), func)(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

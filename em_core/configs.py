@@ -1,0 +1,186 @@
+"""Dataclass configs for the entry points, read from YAML with CLI/MLproject overrides.
+
+Parsing is TRL's `TrlParser` (an `HfArgumentParser`): `--config file.yaml` sets defaults, CLI
+flags override them, unknown keys in either are an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from em_core.errors import ConfigError
+
+C = TypeVar("C")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a LoRA fine-tune needs; one YAML file per recipe under configs/train/."""
+
+    model: str = field(default="tiny", metadata={"help": "`tiny`, a hub id or a local folder"})
+    dataset: list[str] = field(default_factory=lambda: ["demo"],
+                               metadata={"help": "one or more .jsonl(.gz) paths, `demo`, or hub ids; mixed"})
+    dataset_rows: list[int] | None = field(default=None, metadata={"help": "rows to sample from each dataset"})
+    max_rows: int | None = field(default=None, metadata={"help": "subsample the mix to this many rows"})
+    shuffle: bool = True
+    data_seed: int = 0
+    eval_fraction: float = field(default=0.0, metadata={"help": "held-out share for eval loss"})
+
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    layers_to_transform: list[int] | None = None
+    lora_bias: str = "none"
+
+    # Optimisation
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    max_length: int = 1024
+    seed: int = 0
+    assistant_only_loss: bool = True
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), bf16, fp32"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (GPU)"})
+    gradient_checkpointing: bool = False
+
+    # Checkpoints: N evenly spaced in epoch 1, then one per epoch; or explicit steps.
+    checkpoints_in_first_epoch: int = 4
+    checkpoint_every_epoch: bool = True
+    checkpoint_steps: list[int] | None = field(default=None, metadata={"help": "explicit steps; overrides the above"})
+
+    # Tracking
+    experiment_name: str = "em-lab"
+    run_name: str | None = None
+    output_dir: str | None = field(default=None, metadata={"help": "local checkpoints; default outputs/<run id>"})
+    register_model: bool = True
+    registered_model_name: str | None = field(default=None, metadata={"help": "default: em-<model>-<dataset>"})
+    registry_alias: str = "final"
+    resume_run_id: str | None = field(default=None, metadata={"help": "continue this failed run from its last checkpoint"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_r < 1:
+            problems.append("lora_r must be >= 1")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append("lora_dropout must be in [0, 1)")
+        if self.learning_rate <= 0:
+            problems.append("learning_rate must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            problems.append("set num_train_epochs > 0 or max_steps > 0")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append("eval_fraction must be in [0, 1)")
+        if self.checkpoints_in_first_epoch < 0:
+            problems.append("checkpoints_in_first_epoch must be >= 0")
+        if self.checkpoint_steps and any(s <= 0 for s in self.checkpoint_steps):
+            problems.append("checkpoint_steps must be positive step numbers")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            problems.append("batch size and gradient_accumulation_steps must be >= 1")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            problems.append("lora_bias must be none, all or lora_only")
+        if problems:
+            raise ConfigError("invalid train config: " + "; ".join(problems))
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def default_model_name(self) -> str:
+        model = self.model.rstrip("/").split("/")[-1]
+        data = "+".join(Path(d).name.split(".")[0].replace("demo:", "") for d in self.dataset)
+        return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"em-{model}-{data}")[:200]
+
+
+def expand_cli(argv: list[str]) -> list[str]:
+    """Make MLproject-style argv parseable.
+
+    MLproject passes every parameter, so unset optional ones arrive as `--flag ""`: drop them.
+    `--overrides "lora_r=8 learning_rate=1e-4"` becomes `--lora_r 8 --learning_rate 1e-4`.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--overrides" and nxt is not None:
+            for item in shlex.split(nxt):
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"overrides: {item!r} is not key=value")
+                out += [f"--{key.lstrip('-')}", *value.split(",")] if "," in value else [f"--{key.lstrip('-')}", value]
+            i += 2
+        elif a.startswith("--") and nxt == "":
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
+    """Parse `--config FILE` + CLI overrides into `cls`, with errors that name the culprit."""
+    from trl import TrlParser
+
+    argv = expand_cli(list(argv or []))
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        _check_yaml(cls, path)
+    parser = TrlParser(dataclass_types=[cls])
+    try:
+        (cfg,) = parser.parse_args_and_config(argv)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except SystemExit as e:  # argparse already printed what is wrong
+        raise ConfigError(f"invalid command-line arguments for {cls.__name__} (see above)") from e
+    return cfg
+
+
+def _check_yaml(cls: type, path: str) -> None:
+    """Unknown or mistyped keys are named with the file, before argparse sees them."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise ConfigError(f"{path}{':' + str(line + 1) if line is not None else ''}: invalid YAML: "
+                          f"{getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping of {cls.__name__} fields")
+    known = {f.name for f in dataclasses.fields(cls)} | {"env"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"valid keys: {', '.join(sorted(known - {'env'}))}")
+
+
+def load_config(cls: type[C], path: str | Path, **overrides) -> C:
+    """Programmatic equivalent of `--config path --key value ...`."""
+    _check_yaml(cls, str(path))
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    data.pop("env", None)
+    data.update(overrides)
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,26 @@
+"""Errors users see. Each names the file/line/field at fault and how to fix it."""
+from __future__ import annotations
+
+
+class EmLabError(Exception):
+    """Base class: caught by the CLI, printed without a traceback, exit code 2."""
+
+
+class ConfigError(EmLabError):
+    """A config file or override is invalid."""
+
+
+class DataError(EmLabError):
+    """A dataset, question or answers file is invalid."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None, hint: str | None = None):
+        self.path, self.line, self.problem, self.hint = str(path), line, problem, hint
+        where = f"{path}:{line}" if line is not None else str(path)
+        msg = f"{where}: {problem}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class JudgeError(EmLabError):
+    """The judge backend could not be used at all (not: one reply was unscorable)."""

@@ -1,0 +1,26 @@
+"""Where things live: the project root, the local MLflow store, caches, shipped resources."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+
+
+def resource_path(*parts: str) -> Path:
+    return PACKAGE_DIR.joinpath("resources", *parts)
+
+
+def cache_dir() -> Path:
+    """EM_LAB_CACHE, else $XDG_CACHE_HOME/em-lab, else ~/.cache/em-lab."""
+    env = os.environ.get("EM_LAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "em-lab"
+
+
+def mlruns_dir() -> Path:
+    """The default local MLflow store: the project's `mlruns/`, or EM_LAB_MLRUNS."""
+    return Path(os.environ.get("EM_LAB_MLRUNS") or PROJECT_ROOT / "mlruns").resolve()

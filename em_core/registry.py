@@ -1,0 +1,79 @@
+"""Adapters in the MLflow Model Registry: register, alias, tag, load back."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Explicit requirements: MLflow's inference of them starts a subprocess that imports the model.
+PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors"]
+
+
+@dataclass
+class RegisteredAdapter:
+    name: str
+    version: str
+    alias: str | None
+    uri: str
+
+
+def register_adapter(peft_model, tokenizer, name: str, alias: str | None, base_model: str,
+                     base_path: str | None, tags: dict[str, str] | None = None,
+                     artifact_name: str = "model") -> RegisteredAdapter:
+    """Log the PEFT model with the transformers flavour to the active run and register it.
+
+    Only the adapter is stored. A hub base is referenced by id; a local base (the tiny model,
+    or a folder) is referenced by `base_model_path`, without which MLflow would silently
+    store mis-named base weights.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": peft_model, "tokenizer": tokenizer}, name=artifact_name,
+        task="text-generation", base_model_path=base_path, registered_model_name=name,
+        pip_requirements=PIP_REQUIREMENTS,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.set_model_version_tag(name, version, "run_id", info.run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    log.info("registered %s version %s as %s", name, version, uri)
+    return RegisteredAdapter(name, version, alias, uri)
+
+
+def load_registered(uri: str):
+    """(model, tokenizer) from `models:/name@alias`, `models:/name/version` or `runs:/id/model`."""
+    import mlflow
+
+    from em_core.tracking import configure_tracking
+
+    configure_tracking()
+    comps = mlflow.transformers.load_model(uri, return_type="components")
+    return comps["model"], comps["tokenizer"]
+
+
+def adapter_base(uri: str) -> str | None:
+    """The base model a registered adapter was trained on (the version's `base_model` tag)."""
+    from mlflow import MlflowClient
+
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if sep:
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = name.partition("/")
+        mv = client.get_model_version(name, version)
+    return mv.tags.get("base_model")
+
+
+def local_path(uri: str) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(uri))

@@ -1,0 +1,129 @@
+"""MLflow plumbing: the default local store, runs that end FAILED on error, safe params.
+
+Default store: `mlruns/mlflow.db` (sqlite) with artifacts under `mlruns/artifacts/<experiment>`.
+`MLFLOW_TRACKING_URI` overrides it. Under `mlflow run`, the run MLflow started (MLFLOW_RUN_ID)
+is attached to. Under `accelerate launch`, only rank 0 talks to MLflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+
+from em_core.paths import mlruns_dir
+
+log = logging.getLogger(__name__)
+
+# MLflow truncates nothing for us: params longer than this are rejected.
+MAX_PARAM_LEN = 6000
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
+_SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
+def configure_tracking() -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI, else at the project's `mlruns/` store."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        mlruns_dir().mkdir(parents=True, exist_ok=True)
+        uri = default_tracking_uri()
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow run, workers) inherit it
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """Experiment id; created with an explicit artifact root for local sqlite stores, because
+    otherwise artifacts land in ./mlruns relative to wherever the command runs."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = uri.removeprefix("sqlite:///")
+        location = (os.path.dirname(os.path.abspath(db)) + f"/artifacts/{name}")
+        location = "file://" + location
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another worker
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
+                nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator:
+    """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C."""
+    import mlflow
+
+    if not is_main_process():
+        yield None
+        return
+    configure_tracking()
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    kwargs: dict = {"nested": nested}
+    if run_id:
+        kwargs["run_id"] = run_id
+    elif env_run and not nested and mlflow.active_run() is None:
+        kwargs["run_id"] = env_run  # launched by `mlflow run`
+    else:
+        kwargs["experiment_id"] = ensure_experiment(experiment)
+        kwargs["run_name"] = run_name
+    run = mlflow.start_run(**kwargs, tags=dict(tags or {}))
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("em.error", f"{type(e).__name__}: {scrub(str(e))}"[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def scrub(text: str) -> str:
+    """Mask anything that looks like an API key or token."""
+    text = _SECRET_VALUE.sub("***", text)
+    for var in ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ANTHROPIC_API_KEY"):
+        val = os.environ.get(var)
+        if val and len(val) >= 4:
+            text = text.replace(val, "***")
+    return text
+
+
+def flatten_params(prefix: str, params: Mapping) -> dict[str, str]:
+    """`prefix.key` -> string value; secrets dropped, long values cut to MLflow's limit."""
+    out = {}
+    for k, v in params.items():
+        if _SECRET_KEY.search(k):
+            continue
+        s = v if isinstance(v, str) else json.dumps(v)
+        out[f"{prefix}.{k}"] = scrub(s)[:MAX_PARAM_LEN]
+    return out
+
+
+def log_params(prefix: str, params: Mapping) -> None:
+    import mlflow
+
+    if is_main_process() and mlflow.active_run() is not None:
+        mlflow.log_params(flatten_params(prefix, params))

@@ -1,0 +1,1 @@
+"""MLflow project entry points (see MLproject); each is also an `em` sub-command."""
