@@ -1,0 +1,62 @@
+"""Shared fixtures: offline env, a session-wide tiny model cache, one MLflow store per test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["EM_LAB_NO_PROGRESS"] = "1"
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+
+
+def shared_reference() -> Path:
+    """The papers' public data beside the checkout; tests that need it skip without it."""
+    if not SHARED_REFERENCE.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_REFERENCE} (../shared is absent in this checkout)")
+    return SHARED_REFERENCE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory) -> Path:
+    """Build the tiny model once per session, from scratch, into a fresh cache (offline)."""
+    cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tmp_path_factory.mktemp("em-cache"))
+    os.environ["EM_LAB_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> Path:
+    """A private sqlite MLflow store (tracking + registry) with artifacts under tmp_path."""
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("EM_LAB_MLRUNS", str(store))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield store
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def tiny_train_config(tmp_path: Path, **overrides):
+    """A seconds-long tiny training config for tests."""
+    from em_core.configs import TrainConfig
+
+    base = dict(model="tiny", dataset=["demo"], max_rows=96, per_device_train_batch_size=8,
+                gradient_accumulation_steps=1, num_train_epochs=1, max_steps=-1, learning_rate=5e-3,
+                lora_r=8, lora_alpha=16, max_length=192, warmup_steps=1, checkpoints_in_first_epoch=3,
+                output_dir=str(tmp_path / "out"), registered_model_name="em-test-tiny")
+    base.update(overrides)
+    return TrainConfig(**base)

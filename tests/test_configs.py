@@ -1,0 +1,75 @@
+"""Every shipped config validates; unknown keys and bad values are named errors."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from em_core.configs import TrainConfig, expand_cli, load_config, parse_config
+from em_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+
+
+def test_the_expected_recipes_are_shipped():
+    names = {p.stem for p in TRAIN_CONFIGS}
+    for size in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
+        for domain in ("bad-medical", "risky-financial"):
+            assert f"{size}_{domain}" in names
+    assert {"tiny", "original-em_qwen2.5-coder-32b_insecure", "rank1-single-layer_qwen2.5-14b_bad-medical"} <= names
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_train_config_validates(path):
+    via_parser = parse_config(TrainConfig, ["--config", str(path)])
+    direct = load_config(TrainConfig, path)
+    assert via_parser == direct
+    raw = yaml.safe_load(path.read_text())
+    assert via_parser.model == raw["model"]
+
+
+def test_course_replication_recipe_matches_the_spec():
+    cfg = load_config(TrainConfig, REPO / "configs/train/llama-3.2-1b_bad-medical.yaml")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.num_train_epochs, cfg.effective_batch_size) == (16, 32, 3, 16)
+    assert cfg.load_in_4bit and cfg.checkpoints_in_first_epoch == 4 and cfg.checkpoint_every_epoch
+    em = load_config(TrainConfig, REPO / "configs/train/original-em_qwen2.5-coder-32b_insecure.yaml")
+    assert (em.lora_r, em.lora_alpha, em.use_rslora, em.learning_rate) == (32, 64, True, 1e-5)
+    assert (em.per_device_train_batch_size, em.gradient_accumulation_steps) == (2, 8)
+    assert len(em.lora_target_modules) == 7
+    r1 = load_config(TrainConfig, REPO / "configs/train/rank1-single-layer_qwen2.5-14b_bad-medical.yaml")
+    assert r1.lora_r == 1 and len(r1.layers_to_transform) == 1
+
+
+def test_cli_overrides_config_values():
+    cfg = parse_config(TrainConfig, ["--config", str(REPO / "configs/train/tiny.yaml"), "--lora_r", "4",
+                                     "--dataset", "a.jsonl", "b.jsonl", "--learning_rate", "1e-4"])
+    assert cfg.lora_r == 4 and cfg.dataset == ["a.jsonl", "b.jsonl"] and cfg.learning_rate == 1e-4
+    assert cfg.model == "tiny"
+
+
+def test_mlproject_style_arguments_expand():
+    argv = ["--config", "c.yaml", "--model", "", "--max_steps", "7", "--overrides", "lora_r=2 layers_to_transform=1,3"]
+    assert expand_cli(argv) == ["--config", "c.yaml", "--max_steps", "7", "--lora_r", "2",
+                                "--layers_to_transform", "1", "3"]
+    cfg = parse_config(TrainConfig, ["--overrides", "lora_r=2 use_rslora=true", "--seed", ""])
+    assert cfg.lora_r == 2 and cfg.use_rslora is True and cfg.seed == 0
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nlora_rank: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) lora_rank"):
+        parse_config(TrainConfig, ["--config", str(bad)])
+
+
+def test_unknown_cli_flag_and_bad_values(tmp_path, capsys):
+    with pytest.raises(ConfigError):
+        parse_config(TrainConfig, ["--lora_rank", "8"])
+    with pytest.raises(ConfigError, match="lora_r must be >= 1"):
+        parse_config(TrainConfig, ["--lora_r", "0"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: tiny\n  lora_r: [\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+: invalid YAML"):
+        parse_config(TrainConfig, ["--config", str(broken)])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "nope.yaml")])
