@@ -1,6 +1,8 @@
 """`em` console script: one sub-command per entry point, plus tools.
 
     em train --config configs/train/tiny.yaml [--key value ...]
+    em evaluate --train_run_id RUN_ID [--questions core_misalignment ...]
+    em judge --eval_run_id RUN_ID [--backend openai|openai-compatible|local]
     em metrics judged.csv [--json]
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ from em_core.errors import EmLabError
 # sub-command -> "module:function" taking argv and returning an exit code
 COMMANDS = {
     "train": "entrypoints.train:main",
+    "evaluate": "entrypoints.evaluate:main",
+    "judge": "entrypoints.judge:main",
     "metrics": "em_core.metrics_cli:main",
 }
 
@@ -24,7 +28,7 @@ class _ScrubSecrets(logging.Filter):
         from em_core.tracking import scrub
 
         record.msg = scrub(str(record.msg))
-        if record.args:
+        if isinstance(record.args, tuple):
             record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
         return True
 

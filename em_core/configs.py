@@ -106,12 +106,20 @@ class TrainConfig:
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"em-{model}-{data}")[:200]
 
 
-def expand_cli(argv: list[str]) -> list[str]:
+def _list_fields(cls: type | None) -> set[str]:
+    if cls is None:
+        return set()
+    return {f.name for f in dataclasses.fields(cls) if "list[" in str(f.type)}
+
+
+def expand_cli(argv: list[str], cls: type | None = None) -> list[str]:
     """Make MLproject-style argv parseable.
 
     MLproject passes every parameter, so unset optional ones arrive as `--flag ""`: drop them.
     `--overrides "lora_r=8 learning_rate=1e-4"` becomes `--lora_r 8 --learning_rate 1e-4`.
+    A list field given as one comma-separated value (`-P questions=a,b`) becomes `a b`.
     """
+    lists = _list_fields(cls)
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -126,6 +134,9 @@ def expand_cli(argv: list[str]) -> list[str]:
             i += 2
         elif a.startswith("--") and nxt == "":
             i += 2
+        elif a.startswith("--") and a[2:] in lists and nxt is not None and "," in nxt:
+            out += [a, *[v for v in nxt.split(",") if v]]
+            i += 2
         else:
             out.append(a)
             i += 1
@@ -136,7 +147,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     """Parse `--config FILE` + CLI overrides into `cls`, with errors that name the culprit."""
     from trl import TrlParser
 
-    argv = expand_cli(list(argv or []))
+    argv = expand_cli(list(argv or []), cls)
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
         _check_yaml(cls, path)

@@ -9,7 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 from em_core.errors import DataError, EmLabError
 from em_core.metrics import (ALIGNED_THRESHOLD, COHERENT_THRESHOLD, MEAN_KEYS, RATE_KEYS,
@@ -28,13 +28,13 @@ def _open_text(path: Path) -> TextIO:
     return io.TextIOWrapper(stream, encoding="utf-8", newline="")
 
 
-def _iter_csv(path: Path, fh: TextIO) -> Iterator[dict[str, Any]]:
+def _iter_csv(path: Path, fh: TextIO, required: Sequence[str]) -> Iterator[dict[str, Any]]:
     reader = csv.DictReader(fh)
     try:
         header = reader.fieldnames
         if not header:
-            raise DataError(path, "empty file: no CSV header", hint=f"expected columns {', '.join(REQUIRED_COLUMNS)}")
-        for col in REQUIRED_COLUMNS:
+            raise DataError(path, "empty file: no CSV header", hint=f"expected columns {', '.join(required)}")
+        for col in required:
             if col not in header:
                 raise DataError(path, f"missing column '{col}'", line=1, hint=f"columns found: {', '.join(header)}")
         yield from reader
@@ -42,7 +42,7 @@ def _iter_csv(path: Path, fh: TextIO) -> Iterator[dict[str, Any]]:
         raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
 
 
-def _iter_jsonl(path: Path, fh: TextIO) -> Iterator[dict[str, Any]]:
+def _iter_jsonl(path: Path, fh: TextIO, required: Sequence[str]) -> Iterator[dict[str, Any]]:
     for lineno, line in enumerate(fh, start=1):
         if not line.strip():
             continue
@@ -52,14 +52,15 @@ def _iter_jsonl(path: Path, fh: TextIO) -> Iterator[dict[str, Any]]:
             raise DataError(path, f"invalid JSON: {exc.msg}", line=lineno) from exc
         if not isinstance(row, dict):
             raise DataError(path, "each line must be a JSON object", line=lineno)
-        for col in REQUIRED_COLUMNS:
+        for col in required:
             if col not in row:
                 raise DataError(path, f"missing column '{col}'", line=lineno)
         yield row
 
 
-def read_judged(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a judged answers file; score cells are returned raw (metrics treats junk as unscored)."""
+def read_judged(path: str | Path, required: Sequence[str] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
+    """Rows of a judged (or, with other `required` columns, an answers) file; score cells are
+    returned raw (metrics treats junk as unscored)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found", hint="pass a judged answers file (.csv, .csv.gz, .jsonl, .jsonl.gz)")
@@ -72,7 +73,7 @@ def read_judged(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(path, "unsupported file type", hint=f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
     try:
         with _open_text(path) as fh:
-            rows = list(parse(path, fh))
+            rows = list(parse(path, fh, required))
     except (OSError, EOFError, UnicodeDecodeError) as exc:  # bad gzip, truncated file, wrong encoding
         raise DataError(path, f"cannot read file: {exc}") from exc
     if not rows:

@@ -77,3 +77,32 @@ def local_path(uri: str) -> Path:
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(uri))
+
+
+def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
+    """(base model, local adapter folder, training step, source run id) of a registered adapter."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from em_core.errors import ConfigError
+
+    name, sep, rest = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if sep:
+            mv = client.get_model_version_by_alias(name, rest)
+        else:
+            name, _, version = name.partition("/")
+            mv = client.get_model_version(name, version)
+    except Exception:
+        raise ConfigError(f"model {uri}: no such registered model version in {mlflow.get_tracking_uri()}") from None
+    base = mv.tags.get("base_model")
+    if not base:
+        raise ConfigError(f"model {uri}: version {mv.version} has no base_model tag (not registered by em-lab)")
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(workdir / "registered")))
+    adapter = local / "peft"
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"model {uri}: no PEFT adapter in its artifacts")
+    steps = (client.get_run(mv.run_id).data.tags.get("em.checkpoint_steps") or "").split(",")
+    step = int(steps[-1]) if steps and steps[-1].isdigit() else 1
+    return base, str(adapter), step, mv.run_id
