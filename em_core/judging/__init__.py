@@ -1,0 +1,48 @@
+"""LLM judge layer: scoring rules (pure) and backends (OpenAI, OpenAI-compatible, local HF)."""
+from em_core.judging.backends import (
+    DEFAULT_OPENAI_JUDGE,
+    PRICES_PER_1M,
+    Judge,
+    JudgmentCache,
+    cache_key,
+    estimate_cost,
+    make_judge,
+)
+from em_core.judging.scoring import (
+    LOW_LABEL_MASS,
+    LOW_NUMBER_MASS,
+    OUT_OF_RANGE,
+    UNPARSEABLE,
+    UNPARSEABLE_LABEL,
+    Judgment,
+    aggregate_0_100,
+    categorical_from_probs,
+    interpret,
+    parse_label_text,
+    parse_number_text,
+    probs_from_top_logprobs,
+    score_0_100,
+)
+
+__all__ = [
+    "DEFAULT_OPENAI_JUDGE",
+    "PRICES_PER_1M",
+    "Judge",
+    "JudgmentCache",
+    "cache_key",
+    "estimate_cost",
+    "make_judge",
+    "LOW_LABEL_MASS",
+    "LOW_NUMBER_MASS",
+    "OUT_OF_RANGE",
+    "UNPARSEABLE",
+    "UNPARSEABLE_LABEL",
+    "Judgment",
+    "aggregate_0_100",
+    "categorical_from_probs",
+    "interpret",
+    "parse_label_text",
+    "parse_number_text",
+    "probs_from_top_logprobs",
+    "score_0_100",
+]

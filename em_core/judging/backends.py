@@ -1,0 +1,738 @@
+"""Judge backends: the OpenAI API, any OpenAI-compatible server, or a local HF causal LM.
+
+All three share one driver (`Judge.ajudge`): look every prompt up in a persistent cache, send
+only the misses to the backend, and persist each result the moment it arrives, so a re-run or
+a run after a crash never pays for a judgment twice. The cache stores the judge's raw output
+(token->prob dict or reply text) and the verdict is re-derived on every read; changing min_mass
+therefore re-scores cached rows without new requests.
+
+The API key lives in a masking wrapper and is handed only to the openai client; it is kept out of
+reprs, logs, stats and exception messages (error bodies are scrubbed, since some servers echo it).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from em_core.errors import JudgeError
+from em_core.judging.scoring import DEFAULT_MIN_MASS, Judgment, check_labels, interpret, probs_from_top_logprobs
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("openai", "openai-compatible", "local")
+MODES = ("logprobs", "text")
+KINDS = ("0_100", "categorical")
+DEFAULT_OPENAI_JUDGE = "gpt-4o-2024-08-06"
+TOP_LOGPROBS = 20
+
+# USD per 1M tokens (input, output), OpenAI list prices for standard (non-batch, uncached)
+# requests. An estimate only: cached-input discounts and batch pricing are ignored.
+PRICES_PER_1M: dict[str, tuple[float, float]] = {
+    "gpt-4o-2024-08-06": (2.50, 10.00),
+    "gpt-4o-2024-11-20": (2.50, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 15.00),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "o4-mini": (1.10, 4.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+}
+
+_DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+# o-series and gpt-5 reject temperature=0 and spend completion tokens on hidden reasoning.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+# Key-shaped strings in server error bodies (OpenAI echoes a masked key on 401).
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-\*\.]{3,}")
+_MAX_ERROR_CHARS = 400
+
+
+def price_for(model: str, prices: Mapping[str, tuple[float, float]] | None = None) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for a model; dated snapshots fall back to their base
+    name ("gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"). None when unknown."""
+    table = PRICES_PER_1M if prices is None else prices
+    if model in table:
+        return table[model]
+    return table.get(_DATE_SUFFIX.sub("", model))
+
+
+def estimate_cost(
+    model: str, prompt_tokens: int, completion_tokens: int, prices: Mapping[str, tuple[float, float]] | None = None
+) -> float | None:
+    """Estimated USD for the given usage, or None for a model not in the price table."""
+    p = price_for(model, prices)
+    if p is None:
+        return None
+    return (prompt_tokens * p[0] + completion_tokens * p[1]) / 1e6
+
+
+def cache_key(backend: str, model: str, mode: str, prompt: str, kind: str, labels: Sequence[str] | None) -> str:
+    """sha256 over everything that changes what the judge is asked (not min_mass: that only
+    changes how the stored raw output is read)."""
+    payload = json.dumps([backend, model, mode, prompt, kind, list(labels) if labels else None], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class JudgmentCache:
+    """sqlite file (WAL), one row per judgment: key -> JSON record {raw, prompt_tokens,
+    completion_tokens}. Every put commits, so a killed process loses at most the request in
+    flight. path=None keeps the cache in memory (deduplication within one judge object only)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The sync wrapper may run the event loop in a worker thread, hence the lock instead of
+        # sqlite's same-thread check.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), check_same_thread=False)
+        with self._lock:
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, backend TEXT, model TEXT, mode TEXT,"
+                " kind TEXT, record TEXT NOT NULL, created_at REAL NOT NULL)"
+            )
+            self._db.commit()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for i in range(0, len(keys), 500):  # stay under sqlite's bound-variable limit
+                chunk = keys[i : i + 500]
+                q = f"SELECT key, record FROM judgments WHERE key IN ({','.join('?' * len(chunk))})"
+                for key, record in self._db.execute(q, chunk):
+                    found[key] = json.loads(record)
+        return found
+
+    def put(self, key: str, record: Mapping[str, Any], *, backend: str, model: str, mode: str, kind: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, backend, model, mode, kind, json.dumps(record), time.time()),
+            )
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+Record = dict[str, Any]
+Deliver = Callable[[str, Record], None]
+
+
+class Judge:
+    """Backend-independent driver: cache lookup, dedup, progress, stats. Subclasses implement
+    `_run(items, kind, labels, deliver)`, calling deliver(key, record) as each result arrives."""
+
+    backend: str = ""
+
+    def __init__(self, model: str, *, mode: str, min_mass: float, cache_path: str | os.PathLike | None):
+        self.model = model
+        self.mode = mode
+        self.min_mass = min_mass
+        self.cache = JudgmentCache(cache_path)
+        self._loop: asyncio.AbstractEventLoop | None = None  # private loop behind judge()
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._stats: dict[str, Any] = {
+            "requests": 0,
+            "retries": 0,
+            "cache_hits": 0,
+            "judged": 0,
+            "unscored": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Usage so far on this judge object: requests (API calls incl. retries, or forward
+        batches for `local`), retries, cache_hits, judged (fresh results), unscored (among
+        all returned judgments), prompt/completion token totals of fresh results, cost_usd."""
+        s = dict(self._stats)
+        s["backend"], s["model"] = self.backend, self.model
+        s["cost_usd"] = self._cost(s["prompt_tokens"], s["completion_tokens"])
+        return s
+
+    async def ajudge(
+        self,
+        prompts: Sequence[str],
+        kind: str = "0_100",
+        labels: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list[Judgment]:
+        """Judge each prompt (one user message each). Returns one Judgment per prompt, in order.
+        Raises JudgeError when the backend cannot be used (auth, bad request, retries exhausted);
+        every result received before that is already in the cache."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "categorical":
+            check_labels(labels)
+            labels = list(labels)  # type: ignore[arg-type]
+        else:
+            labels = None
+        prompts = list(prompts)
+        keys = [cache_key(self.backend, self.model, self.mode, p, kind, labels) for p in prompts]
+        results: list[Judgment | None] = [None] * len(prompts)
+
+        hits = self.cache.get_many(keys)
+        positions: dict[str, list[int]] = {}
+        todo: dict[str, str] = {}
+        for i, (key, prompt) in enumerate(zip(keys, prompts)):
+            if key in hits:
+                results[i] = self._judgment(hits[key], kind, labels, cached=True)
+                self._stats["cache_hits"] += 1
+            else:
+                positions.setdefault(key, []).append(i)
+                todo.setdefault(key, prompt)
+
+        bar = tqdm(total=len(prompts), disable=not progress, desc=f"judge {self.model}", unit="prompt")
+        bar.update(len(prompts) - sum(len(v) for v in positions.values()))
+
+        def deliver(key: str, record: Record) -> None:
+            # Persist first: from here on this judgment is never paid for again.
+            self.cache.put(key, record, backend=self.backend, model=self.model, mode=self.mode, kind=kind)
+            self._stats["judged"] += 1
+            self._stats["prompt_tokens"] += int(record.get("prompt_tokens") or 0)
+            self._stats["completion_tokens"] += int(record.get("completion_tokens") or 0)
+            for n, i in enumerate(positions[key]):
+                # Repeats of a prompt within one call are served by the first one's request.
+                results[i] = self._judgment(record, kind, labels, cached=n > 0)
+                self._stats["cache_hits"] += n > 0
+            bar.update(len(positions[key]))
+
+        try:
+            if todo:
+                await self._run(list(todo.items()), kind, labels, deliver)
+        finally:
+            bar.close()
+        out = [r for r in results if r is not None]
+        assert len(out) == len(prompts), "backend returned without delivering every result"
+        self._stats["unscored"] += sum(1 for r in out if not r.scored)
+        return out
+
+    def judge(
+        self,
+        prompts: Sequence[str],
+        kind: str = "0_100",
+        labels: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list[Judgment]:
+        """Synchronous ajudge. Runs on the judge's own event-loop thread, which lives as long
+        as the judge, so the HTTP client and its open connections are reused across calls (a
+        fresh client per call costs a CA-bundle load and new connections/TLS handshakes). Works
+        from inside a running loop (notebooks) too."""
+        fut = asyncio.run_coroutine_threadsafe(self.ajudge(prompts, kind, labels, progress), self._sync_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. Ctrl-C: stop sending; whatever arrived is already cached
+            raise
+
+    async def aclose(self) -> None:
+        """Release resources bound to the running event loop (HTTP clients)."""
+
+    def close(self) -> None:
+        """Stop the sync loop thread, close clients and the cache. The judge is unusable after."""
+        loop, thread = self._loop, self._loop_thread
+        self._loop = self._loop_thread = None
+        if loop is not None and thread is not None:
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
+            asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+        self.cache.close()
+
+    def __enter__(self) -> "Judge":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="em-judge-loop", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend={self.backend!r} model={self.model!r} mode={self.mode!r}>"
+
+    # -- for subclasses ---------------------------------------------------------------------
+    def _judgment(self, record: Record, kind: str, labels: list[str] | None, *, cached: bool) -> Judgment:
+        j = interpret(record["raw"], kind, labels, self.min_mass)
+        j.prompt_tokens = int(record.get("prompt_tokens") or 0)
+        j.completion_tokens = int(record.get("completion_tokens") or 0)
+        j.cached = cached
+        return j
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return None
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        raise NotImplementedError
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    text = _KEY_LIKE.sub("sk-***", text)
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+def _safe_url(url: str | None) -> str | None:
+    # Drop user:password@ from URLs shown in reprs and messages.
+    return None if url is None else re.sub(r"//[^/@]*@", "//", url)
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return float(headers["retry-after-ms"]) / 1000.0
+        if headers.get("retry-after") is not None:
+            return float(headers["retry-after"])
+    except (TypeError, ValueError):  # an HTTP-date or junk: use our own backoff
+        return None
+    return None
+
+
+class _Secret:
+    """Holds the API key so that repr(), vars() and debuggers show a mask, not the key."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "_Secret('***')" if self._value else "_Secret(None)"
+
+    __str__ = __repr__
+
+
+class OpenAIJudge(Judge):
+    """Chat Completions judge: api.openai.com (`openai`) or any server speaking the same API
+    (`openai-compatible`: vLLM, Ollama, ...)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        backend: str,
+        base_url: str | None,
+        api_key: str | None,
+        mode: str,
+        concurrency: int,
+        max_retries: int,
+        timeout: float,
+        cache_path: str | os.PathLike | None,
+        min_mass: float,
+        max_completion_tokens: int | None,
+        backoff_base: float,
+        backoff_max: float,
+        prices: Mapping[str, tuple[float, float]] | None,
+    ):
+        super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path)
+        self.backend = backend
+        self.base_url = base_url
+        self._api_key = _Secret(api_key)
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.prices = prices
+        reasoning = bool(_REASONING_MODEL.match(model))
+        self.max_completion_tokens = max_completion_tokens or (4096 if reasoning else 512)
+        self._reasoning = reasoning
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, asyncio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<OpenAIJudge backend={self.backend!r} model={self.model!r} mode={self.mode!r}"
+            f" base_url={_safe_url(self.base_url)!r} concurrency={self.concurrency}>"
+        )
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return estimate_cost(self.model, prompt_tokens, completion_tokens, self.prices)
+
+    def _client(self) -> Any:
+        import openai
+
+        key = self._api_key.get()
+        if not key:
+            raise JudgeError(
+                f"no API key for the {self.backend!r} judge backend: set OPENAI_API_KEY or pass api_key"
+            )
+        kwargs: dict[str, Any] = {"max_retries": 0, "timeout": self.timeout}  # retries are counted here
+        if self.base_url:
+            kwargs["base_url"] = self.base_url
+        problem = None
+        try:
+            return openai.AsyncOpenAI(api_key=key, **kwargs)
+        except openai.OpenAIError as e:
+            problem = _redact(str(e), key)
+        raise JudgeError(f"cannot create the {self.backend!r} judge client: {problem}")
+
+    def _params(self, prompt: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
+        if self.mode == "logprobs":
+            params.update(max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS, seed=0)
+        else:
+            if not self._reasoning:  # reasoning models accept only their default temperature
+                params["temperature"] = 0
+            if self.backend == "openai":
+                params["max_completion_tokens"] = self.max_completion_tokens
+            else:  # older vLLM/Ollama servers know only max_tokens
+                params["max_tokens"] = self.max_completion_tokens
+        return params
+
+    def _record(self, resp: Any) -> Record:
+        """Record from a chat-completion JSON body (a dict; see _request for why not a model)."""
+        if not isinstance(resp, dict) or not resp.get("choices"):
+            raise JudgeError(
+                f"judge server at {_safe_url(self.base_url) or 'api.openai.com'} returned no chat completion"
+            )
+        usage = resp.get("usage") or {}
+        record: Record = {
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+        }
+        choice = resp["choices"][0]
+        if self.mode == "text":
+            record["raw"] = (choice.get("message") or {}).get("content") or ""
+            return record
+        logprobs = choice.get("logprobs")
+        if logprobs is None:
+            raise JudgeError(
+                f"judge model {self.model!r} returned no logprobs; this server or model does not support "
+                "them: use mode='text'"
+            )
+        content = logprobs.get("content") or []
+        top = (content[0].get("top_logprobs") or []) if content else []
+        # An empty distribution (e.g. the model stopped at once) scores as unscored, not an error.
+        record["raw"] = probs_from_top_logprobs((t["token"], t["logprob"]) for t in top)
+        return record
+
+    async def _request(self, client: Any, prompt: str) -> Record:
+        import openai
+
+        params = self._params(prompt)
+        for attempt in range(self.max_retries + 1):
+            self._stats["requests"] += 1
+            fatal: str | None = None
+            problem = ""
+            wait_hint: float | None = None
+            try:
+                # client.post (the openai client's documented raw-request call) rather than
+                # chat.completions.create: same endpoint, auth and errors, but it skips the
+                # per-request param transform and pydantic response models, about a third of the
+                # client's CPU per request, which caps throughput at high concurrency.
+                resp = await client.post("/chat/completions", body=params, cast_to=dict)
+            except openai.APIStatusError as e:
+                body = _redact(str(getattr(e, "message", "") or ""), self._api_key.get())
+                if e.status_code == 429 and getattr(e, "code", None) == "insufficient_quota":
+                    fatal = f"judge account is out of quota ({self.backend}, model {self.model!r}): {body}"
+                elif e.status_code in (408, 409, 429) or e.status_code >= 500:
+                    problem = f"HTTP {e.status_code}"
+                    wait_hint = _retry_after(e.response.headers)
+                else:
+                    fatal = (
+                        f"judge request rejected with HTTP {e.status_code} ({self.backend}, "
+                        f"model {self.model!r}): {body}"
+                    )
+                    if e.status_code in (401, 403):
+                        fatal += " -- check the API key (OPENAI_API_KEY or api_key)"
+            except openai.APITimeoutError:
+                problem = f"timeout after {self.timeout}s"
+            except openai.APIConnectionError:
+                problem = f"cannot connect to {_safe_url(self.base_url) or 'api.openai.com'}"
+            except openai.APIError as e:  # e.g. a response that is not a chat completion
+                fatal = f"unusable response from the judge server: {_redact(str(e), self._api_key.get())}"
+            else:
+                try:
+                    return self._record(resp)
+                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                    fatal = f"malformed chat completion from the judge server: {type(e).__name__}: {e}"
+            # Raised outside the except blocks so the openai exception (which holds the request,
+            # Authorization header included) is not chained onto ours.
+            if fatal is not None:
+                raise JudgeError(fatal)
+            if attempt == self.max_retries:
+                raise JudgeError(
+                    f"judge backend {self.backend!r} ({self.model!r}) still failing after "
+                    f"{self.max_retries + 1} attempts: {problem}"
+                )
+            self._stats["retries"] += 1
+            delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+            delay = delay / 2 + random.uniform(0, delay / 2)  # jitter so throttled workers spread out
+            if wait_hint is not None:
+                delay = min(self.backoff_max, max(delay, wait_hint))
+            log.warning(
+                "judge request failed (%s); retry %d/%d in %.2fs", problem, attempt + 1, self.max_retries, delay
+            )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
+        """(client, semaphore) for the running loop: httpx clients and asyncio semaphores are
+        bound to one loop. Sharing them across calls on that loop reuses connections and keeps
+        the concurrency limit per judge, even for overlapping ajudge calls."""
+        loop = asyncio.get_running_loop()
+        state = self._per_loop.get(loop)
+        if state is None:
+            state = (self._client(), asyncio.Semaphore(self.concurrency))
+            self._per_loop[loop] = state
+        return state
+
+    async def aclose(self) -> None:
+        state = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state[0].close()
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        client, sem = self._loop_state()
+
+        async def one(key: str, prompt: str) -> None:
+            async with sem:
+                record = await self._request(client, prompt)
+            deliver(key, record)
+
+        tasks = [asyncio.create_task(one(k, p)) for k, p in items]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            if errors:
+                raise next((e for e in errors if isinstance(e, JudgeError)), errors[0])
+        finally:
+            # On error or cancellation stop the rest; what already arrived is in the cache.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+LoadFn = Callable[[str], "tuple[Any, Any]"]
+
+
+def default_load_fn(model_id: str) -> tuple[Any, Any]:
+    """(model, tokenizer) via transformers Auto classes; on GPU when one is available."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+class LocalJudge(Judge):
+    """A HF causal LM run in-process: the 0-100 rule (or label mass) over its top-20 next-token
+    distribution after the chat template's generation prompt. Deterministic; costs nothing."""
+
+    backend = "local"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        cache_path: str | os.PathLike | None,
+        min_mass: float,
+        load_fn: LoadFn | None,
+        batch_size: int,
+    ):
+        super().__init__(model, mode="logprobs", min_mass=min_mass, cache_path=cache_path)
+        self.load_fn = load_fn or default_load_fn
+        self.batch_size = batch_size
+        self._lm: Any = None
+        self._tok: Any = None
+        self._warned_no_template = False
+
+    def __repr__(self) -> str:
+        return f"<LocalJudge model={self.model!r} batch_size={self.batch_size}>"
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return 0.0
+
+    def _ensure_loaded(self) -> None:
+        if self._lm is not None:
+            return
+        try:
+            model, tok = self.load_fn(self.model)
+        except Exception as e:  # noqa: BLE001 -- any loader failure means no judge at all
+            raise JudgeError(f"cannot load local judge model {self.model!r}: {type(e).__name__}: {e}") from e
+        if tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise JudgeError(f"local judge tokenizer for {self.model!r} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # so position -1 is every row's last real token
+        if hasattr(model, "eval"):
+            model.eval()  # a loader may hand back a model in training mode (dropout on)
+        self._lm, self._tok = model, tok
+
+    def _render(self, prompt: str) -> tuple[str, bool]:
+        """(text, whether it already carries special tokens)."""
+        if getattr(self._tok, "chat_template", None):
+            text = self._tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return text, True
+        if not self._warned_no_template:
+            log.warning("local judge %r has no chat template; scoring the raw prompt", self.model)
+            self._warned_no_template = True
+        return prompt, False
+
+    def _forward(self, prompts: list[str]) -> list[Record]:
+        import inspect
+
+        import torch
+
+        rendered = [self._render(p) for p in prompts]
+        enc = self._tok(
+            [t for t, _ in rendered],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not rendered[0][1],
+        )
+        device = next(self._lm.parameters()).device
+        ids = enc["input_ids"].to(device)
+        mask = enc["attention_mask"].to(device)
+        # Explicit positions: with left padding the default 0..T-1 would shift padded rows and
+        # make a prompt's score depend on its batch neighbours.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if "logits_to_keep" in inspect.signature(self._lm.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # avoid materialising [batch, seq, vocab] logits
+        with torch.inference_mode():
+            logits = self._lm(**kwargs).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(logp, k=min(TOP_LOGPROBS, logp.shape[-1]), dim=-1)
+        records = []
+        for row in range(len(prompts)):
+            pairs = [
+                (self._tok.decode([int(t)]), float(v))
+                for t, v in zip(top.indices[row].tolist(), top.values[row].tolist())
+            ]
+            records.append(
+                {
+                    "raw": probs_from_top_logprobs(pairs),
+                    "prompt_tokens": int(mask[row].sum()),
+                    "completion_tokens": 1,
+                }
+            )
+        return records
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        await asyncio.to_thread(self._ensure_loaded)
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i : i + self.batch_size]
+            self._stats["requests"] += 1
+            records = await asyncio.to_thread(self._forward, [p for _, p in batch])
+            for (key, _), record in zip(batch, records):
+                deliver(key, record)
+
+
+def make_judge(
+    backend: str = "openai",
+    model: str | None = None,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    mode: str = "logprobs",
+    concurrency: int = 16,
+    max_retries: int = 5,
+    timeout: float = 60.0,
+    cache_path: str | os.PathLike | None = None,
+    min_mass: float = DEFAULT_MIN_MASS,
+    max_completion_tokens: int | None = None,
+    backoff_base: float = 1.0,
+    backoff_max: float = 60.0,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+    load_fn: LoadFn | None = None,
+    batch_size: int = 8,
+) -> Judge:
+    """Build a judge.
+
+    backend: "openai" (model defaults to gpt-4o-2024-08-06; api_key/base_url default to
+    OPENAI_API_KEY/OPENAI_BASE_URL), "openai-compatible" (base_url required, e.g.
+    http://localhost:8000/v1; api_key defaults to OPENAI_API_KEY or a dummy), or "local" (a HF
+    model id or path, loaded with load_fn(model) -> (model, tokenizer); logprobs mode only).
+    mode: "logprobs" (one token, top-20 logprobs, papers' rule) or "text" (parse a reply).
+    Retries (429, 408, 409, 5xx, timeouts, connection errors) back off exponentially from
+    backoff_base seconds with jitter, capped at backoff_max; other 4xx raise JudgeError at once.
+    """
+    if backend not in BACKENDS:
+        raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if concurrency < 1 or max_retries < 0 or batch_size < 1:
+        raise ValueError("concurrency and batch_size must be >= 1, max_retries >= 0")
+    if not 0.0 <= min_mass <= 1.0:
+        raise ValueError(f"min_mass must be in [0, 1], got {min_mass}")
+
+    if backend == "local":
+        if mode != "logprobs":
+            raise JudgeError("the local judge backend supports mode='logprobs' only")
+        if not model:
+            raise JudgeError("the local judge backend needs a model (HF id or local path)")
+        return LocalJudge(model, cache_path=cache_path, min_mass=min_mass, load_fn=load_fn, batch_size=batch_size)
+
+    if backend == "openai":
+        model = model or DEFAULT_OPENAI_JUDGE
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or None  # missing: JudgeError on first request
+    else:
+        if not base_url:
+            raise JudgeError("the openai-compatible judge backend needs base_url (e.g. http://localhost:8000/v1)")
+        if not model:
+            raise JudgeError("the openai-compatible judge backend needs a model name as the server knows it")
+        # Local servers usually ignore the key, but the client insists on one.
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    return OpenAIJudge(
+        model,
+        backend=backend,
+        base_url=base_url,
+        api_key=api_key,
+        mode=mode,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        timeout=timeout,
+        cache_path=cache_path,
+        min_mass=min_mass,
+        max_completion_tokens=max_completion_tokens,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        prices=prices,
+    )
