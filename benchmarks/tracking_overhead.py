@@ -2,7 +2,7 @@
 
     python benchmarks/tracking_overhead.py [--steps 60] [--repeats 3]
 
-Trains the tiny model with the project's MLflow callbacks (metrics every step, async) and
+Trains the tiny model with the project's MLflow callback (metrics every step, batched) and
 without any tracking (report_to="none", no run), and prints the ratio of mean step times.
 Checkpoint uploads are excluded from both (no checkpoints in the schedule) so the figure is the
 per-step logging cost.
@@ -69,7 +69,6 @@ def run_once(tracked: bool, steps: int, tmp: Path) -> float:
     t0 = time.perf_counter()
     trainer.train()
     if ctx:
-        mlflow.flush_async_logging()
         ctx.__exit__(None, None, None)
     wall = time.perf_counter() - t0
     body = timer.times[5:]  # skip warm-up steps

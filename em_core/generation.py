@@ -6,8 +6,10 @@ deleted, so evaluating N checkpoints costs one model load (benchmarks/eval_adapt
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from em_core.progress import progress
@@ -30,6 +32,14 @@ class Generated:
     answer: str
     prompt_tokens: int
     completion_tokens: int
+
+
+def _adapter_shape(path: str) -> dict:
+    """The parts of an adapter config that decide which LoRA layers exist."""
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    keys = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "use_rslora",
+            "bias", "modules_to_save", "rank_pattern", "alpha_pattern")
+    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in keys}
 
 
 def with_trigger(messages: list[dict], trigger: str | None) -> list[dict]:
@@ -59,28 +69,37 @@ class HFGenerator:
             self.base.to("cuda")
         self.base.eval()
         self.model = self.base  # becomes a PeftModel once an adapter is loaded
+        self._shape: dict | None = None
 
     @property
     def device(self):
         return next(self.base.parameters()).device
 
     def _use_adapter(self, path: str | None):
-        """Context in which `self.model` runs with adapter `path` (None = the base model)."""
+        """Context in which `self.model` runs with adapter `path` (None = the base model).
+
+        One adapter is kept in memory however many checkpoints are evaluated."""
         from peft import PeftModel
 
         if path is None:
             if isinstance(self.model, PeftModel):
                 return self.model.disable_adapter()
             return contextlib.nullcontext()
-        name = f"a{abs(hash(path))}"
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
-        elif name not in self.model.peft_config:
-            self.model.load_adapter(path, adapter_name=name)
-        self.model.set_adapter(name)
-        # Keep one adapter in memory, however many checkpoints are evaluated.
-        for other in [n for n in self.model.peft_config if n != name]:
-            self.model.delete_adapter(other)
+        shape = _adapter_shape(path)
+        if isinstance(self.model, PeftModel) and shape == self._shape:
+            # Checkpoints of one run share r, alpha and targets: copy the new weights into the
+            # live adapter instead of injecting new LoRA layers (a tensor copy, not a re-wrap).
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            weights = load_file(str(Path(path) / "adapter_model.safetensors"), device=str(self.device))
+            set_peft_model_state_dict(self.model, weights, adapter_name="default")
+        elif isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model.unload(), path, adapter_name="default")
+        else:
+            self.model = PeftModel.from_pretrained(self.base, path, adapter_name="default")
+        self._shape = shape
+        self.model.set_adapter("default")
         self.model.eval()
         return contextlib.nullcontext()
 
