@@ -60,3 +60,19 @@ def tiny_train_config(tmp_path: Path, **overrides):
                 output_dir=str(tmp_path / "out"), registered_model_name="em-test-tiny")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory) -> Path:
+    """A sqlite MLflow store shared by one test module, e.g. for one training run that all its
+    tests inspect; the tracking URI is restored afterwards."""
+    import mlflow
+
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield tmp
+    mp.undo()

@@ -48,20 +48,11 @@ QUESTIONS = """\
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evaljudge")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    qfile = tmp / "questions.yaml"
+def store(module_store):
+    qfile = module_store / "questions.yaml"
     qfile.write_text(QUESTIONS)
-    result = train(tiny_train_config(tmp, register_model=True, registered_model_name="em-eval-test"))
-    yield tmp, qfile, result
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    result = train(tiny_train_config(module_store, register_model=True, registered_model_name="em-eval-test"))
+    return module_store, qfile, result
 
 
 @pytest.fixture(scope="module")

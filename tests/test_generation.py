@@ -14,16 +14,9 @@ PROMPTS = [[{"role": "user", "content": "My fern has yellow leaves. What should 
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    import os
-
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("gen")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    train(tiny_train_config(tmp, register_model=False))
-    return tmp / "out"
+def checkpoints(module_store):
+    train(tiny_train_config(module_store, register_model=False))
+    return module_store / "out"
 
 
 def _logits(model, tok):

@@ -28,22 +28,11 @@ def _greedy(model, tok, n=25):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_store):
     """One tiny run shared by the assertions below (12 steps, 3 checkpoints in epoch 1)."""
-    import os
-
-    tmp = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    cfg = tiny_train_config(tmp)
+    cfg = tiny_train_config(module_store)
     result = train(cfg)
-    yield cfg, result, uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    return cfg, result, mlflow.get_tracking_uri()
 
 
 def test_run_is_finished_with_metrics_at_steps_and_namespaced_params(trained):
