@@ -214,3 +214,19 @@ def test_bad_answers_file_is_a_named_error(store, tmp_path):
         run_judge(JudgeConfig(answers=str(unknown), questions=[str(qfile)], backend="local"))
     with pytest.raises(ConfigError, match="exactly one of eval_run_id"):
         JudgeConfig(questions=[str(qfile)])
+
+
+def test_mlflow_run_evaluate_entry_point(store, tmp_path):
+    tmp, qfile, trained = store
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
+           "--experiment-name", "eval-cli", "-P", f"train_run_id={trained.run_id}", "-P", f"questions={qfile}",
+           "-P", "max_new_tokens=4", "-P", "overrides=checkpoints=4,12 samples_per_paraphrase=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-cli").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["em.steps"] == "0,4,12"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/answers")] == [0, 4, 12]
+    assert all(m.value == 3 for m in client.get_metric_history(run.info.run_id, "eval/answers"))
