@@ -59,28 +59,8 @@ def load_registered(uri: str):
     return comps["model"], comps["tokenizer"]
 
 
-def adapter_base(uri: str) -> str | None:
-    """The base model a registered adapter was trained on (the version's `base_model` tag)."""
-    from mlflow import MlflowClient
-
-    name, sep, alias = uri.removeprefix("models:/").partition("@")
-    client = MlflowClient()
-    if sep:
-        mv = client.get_model_version_by_alias(name, alias)
-    else:
-        name, _, version = name.partition("/")
-        mv = client.get_model_version(name, version)
-    return mv.tags.get("base_model")
-
-
-def local_path(uri: str) -> Path:
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(uri))
-
-
-def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
-    """(base model, local adapter folder, training step, source run id) of a registered adapter."""
+def model_version(uri: str):
+    """The registry entry behind `models:/name@alias` or `models:/name/version`."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -90,12 +70,21 @@ def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
     client = MlflowClient()
     try:
         if sep:
-            mv = client.get_model_version_by_alias(name, rest)
-        else:
-            name, _, version = name.partition("/")
-            mv = client.get_model_version(name, version)
+            return client.get_model_version_by_alias(name, rest)
+        name, _, version = name.partition("/")
+        return client.get_model_version(name, version)
     except Exception:
         raise ConfigError(f"model {uri}: no such registered model version in {mlflow.get_tracking_uri()}") from None
+
+
+def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
+    """(base model, local adapter folder, training step, source run id) of a registered adapter."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from em_core.errors import ConfigError
+
+    mv = model_version(uri)
     base = mv.tags.get("base_model")
     if not base:
         raise ConfigError(f"model {uri}: version {mv.version} has no base_model tag (not registered by em-lab)")
@@ -103,6 +92,6 @@ def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
     adapter = local / "peft"
     if not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"model {uri}: no PEFT adapter in its artifacts")
-    steps = (client.get_run(mv.run_id).data.tags.get("em.checkpoint_steps") or "").split(",")
+    steps = (MlflowClient().get_run(mv.run_id).data.tags.get("em.checkpoint_steps") or "").split(",")
     step = int(steps[-1]) if steps and steps[-1].isdigit() else 1
     return base, str(adapter), step, mv.run_id

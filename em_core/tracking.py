@@ -127,3 +127,12 @@ def log_params(prefix: str, params: Mapping) -> None:
 
     if is_main_process() and mlflow.active_run() is not None:
         mlflow.log_params(flatten_params(prefix, params))
+
+
+def log_metric_batch(run_id: str, metrics: list) -> None:
+    """Write `mlflow.entities.Metric`s to any run (active or finished) in log_batch-sized chunks."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for i in range(0, len(metrics), 1000):  # log_batch's per-call limit
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])

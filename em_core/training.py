@@ -53,11 +53,7 @@ class MlflowMetrics(TrainerCallback):
         self._last_flush = time.monotonic()
 
     def flush(self) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient()
-        for i in range(0, len(self._buffer), 1000):  # log_batch's limit
-            client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        tracking.log_metric_batch(self.run_id, self._buffer)
         self._buffer, self._last_flush = [], time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -18,7 +18,8 @@ import pytest
 from em_core.metrics_cli import main
 from em_core.questions import KIND_0_100, KIND_CATEGORICAL, expand_prompts, load_judges, load_questions
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from tests.conftest import SHARED_REFERENCE as REFERENCE
+
 QUESTIONS = REFERENCE / "questions"
 JUDGED = REFERENCE / "judged"
 

@@ -13,12 +13,14 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from em_core import tracking
 from em_core.errors import ConfigError, DataError
+from em_core.judging.backends import _safe_url
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics
 from em_core.paths import cache_dir
 from em_core.questions import Question
@@ -244,19 +246,8 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
 
 def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]]) -> None:
     """Add step-indexed metrics to another (usually finished) run, e.g. the training run."""
-    import mlflow
     from mlflow.entities import Metric
 
-    client = mlflow.MlflowClient()
-    import time
-
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, step) for step, m in by_step.items() for k, v in m.items()]
-    for i in range(0, len(metrics), 1000):  # log_batch limit
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
-
-
-def _safe_url(url: str | None) -> str | None:
-    from em_core.judging.backends import _safe_url as strip
-
-    return strip(url) if url else None
+    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in by_step.items()
+                                       for k, v in m.items()])

@@ -11,10 +11,10 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from em_core.judging import make_judge
+from tests.conftest import shared_reference
 from em_core.judging.backends import Judge
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = TESTS_DIR.parent.parent / "shared" / "reference"
 TEST_KEY = "sk-test-SECRET-0123456789abcdef"
 
 
@@ -87,9 +87,7 @@ def rig() -> Callable[..., None]:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"reference data not found at {REFERENCE_DIR} (the shared/ checkout is absent)")
-    return REFERENCE_DIR
+    return shared_reference()
 
 
 # -- tiny local causal LM --------------------------------------------------------------------
