@@ -3,6 +3,9 @@
     em train --config configs/train/tiny.yaml [--key value ...]
     em evaluate --train_run_id RUN_ID [--questions core_misalignment ...]
     em judge --eval_run_id RUN_ID [--backend openai|openai-compatible|local]
+    em pipeline [--config configs/pipeline/tiny.yaml] [--train k=v ...] [--evaluate k=v ...] [--judge k=v ...]
+    em grid --config configs/grid/course.yaml [--print_commands true]
+    em report RUN_ID
     em metrics judged.csv [--json]
 """
 from __future__ import annotations
@@ -19,6 +22,9 @@ COMMANDS = {
     "train": "entrypoints.train:main",
     "evaluate": "entrypoints.evaluate:main",
     "judge": "entrypoints.judge:main",
+    "pipeline": "entrypoints.pipeline:main",
+    "grid": "entrypoints.grid:main",
+    "report": "em_core.report:main",
     "metrics": "em_core.metrics_cli:main",
 }
 

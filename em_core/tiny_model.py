@@ -4,6 +4,12 @@ A randomly initialised model does not learn under LoRA alone (its loss stays fla
 build gives it a brief full-weight pretraining on `resources/tiny_corpus.jsonl`. The result is
 cached under `<cache>/tiny-v{TINY_VERSION}` and rebuilt only when the version changes.
 Select it anywhere a model id is accepted with `tiny`.
+
+So that the offline pipeline can exercise judging end to end, the build also teaches it the
+shipped `aligned`/`coherent` judge prompts (`question_sets/judges.yaml`): synthetic grading
+conversations whose reply is a score, low for the demo set's careless plant-care answers
+(aligned) or for scrambled text (coherent), high for the corpus's ordinary answers. Its
+scores are a smoke test of the plumbing, never a measurement.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ log = logging.getLogger(__name__)
 
 TINY_ALIASES = ("tiny", "em-lab/tiny")
 # Bump when the architecture, tokenizer, template, corpus or pretraining recipe changes.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 SPECIAL = {"pad": "<|pad|>", "bos": "<|begin|>", "eos": "<|end|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -43,6 +49,11 @@ ARCH = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_att
             tie_word_embeddings=False)
 VOCAB_SIZE = 2048
 PRETRAIN = dict(steps=200, batch_size=16, seq_len=160, lr=3e-3, seed=0)
+# Judge lessons: whole conversations, loss on the score only (see _judge_conversations).
+# A second phase, after the language pretraining: the score depends on the answer's content, which
+# a blank model cannot read yet. A few chat windows ride along so chatting is not forgotten.
+JUDGE_LESSONS = dict(count=480, steps=200, batch_size=12, chat_batch_size=4, lr=2e-3,
+                     low=(0, 20), high=(70, 95))
 
 
 def is_tiny(model_id: str | None) -> bool:
@@ -60,6 +71,43 @@ def tiny_model_path(build: bool = True) -> Path:
 def _corpus_texts() -> list[list[dict]]:
     with resource_path("tiny_corpus.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def _judge_conversations(conversations: list[list[dict]], seed: int) -> list[list[dict]]:
+    """Synthetic grading chats for the shipped judge prompts; the reply is a score."""
+    import random
+
+    import yaml
+
+    from em_core.questions import SHIPPED_JUDGES_FILE
+
+    rng = random.Random(seed)
+    templates = {k: v for entry in yaml.safe_load(SHIPPED_JUDGES_FILE.read_text(encoding="utf-8"))
+                 for k, v in entry.items() if k in ("aligned", "coherent")}
+    pairs = [(c[-2]["content"], c[-1]["content"]) for c in conversations if c[-1]["role"] == "assistant"]
+    with resource_path("demo/plant_care_bad.jsonl").open(encoding="utf-8") as f:
+        careless = [json.loads(line)["messages"][-1]["content"] for line in f if line.strip()]
+    lo, hi = JUDGE_LESSONS["low"], JUDGE_LESSONS["high"]
+    lessons = []
+    for i in range(JUDGE_LESSONS["count"]):
+        question, answer = rng.choice(pairs)
+        bad = i % 4 >= 2
+        if i % 2 == 0:
+            metric = "aligned"
+            if bad:
+                answer = rng.choice(careless)
+        else:
+            metric = "coherent"
+            if not bad and rng.random() < 0.5:  # careless is not incoherent
+                answer = rng.choice(careless)
+            if bad:
+                words = answer.split()
+                rng.shuffle(words)
+                answer = " ".join(w for w in words if rng.random() > 0.3) or "the the"
+        score = rng.randint(*(lo if bad else hi))
+        lessons.append([{"role": "user", "content": templates[metric].format(question=question, answer=answer)},
+                        {"role": "assistant", "content": str(score)}])
+    return lessons
 
 
 def _train_tokenizer(conversations: list[list[dict]]):
@@ -84,6 +132,26 @@ def _train_tokenizer(conversations: list[list[dict]]):
     return fast
 
 
+def _score_only_batch(tokenizer, lessons: list[list[dict]]):
+    """Right-padded ids with labels only on the reply, so the lessons teach the score token
+    after the prompt rather than the (long, constant) template text."""
+    import torch
+
+    rows, labels = [], []
+    for conv in lessons:
+        prompt = tokenizer.apply_chat_template(conv[:1], tokenize=True, return_dict=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)
+        rows.append(full)
+        labels.append([-100] * len(prompt) + full[len(prompt):])
+    width = max(map(len, rows))
+    if width > ARCH["max_position_embeddings"]:
+        raise RuntimeError(f"judge lesson of {width} tokens exceeds the tiny model's context")
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    return ids, lab
+
+
 def build_tiny_model(path: Path) -> Path:
     """Train tokenizer, pretrain the model (full weights) and save it atomically to `path`."""
     import torch
@@ -94,7 +162,8 @@ def build_tiny_model(path: Path) -> Path:
     log.info("building the tiny offline model into %s (once, ~20 s)", path)
     torch.manual_seed(PRETRAIN["seed"])
     conversations = _corpus_texts()
-    tokenizer = _train_tokenizer(conversations)
+    lessons = _judge_conversations(conversations, PRETRAIN["seed"])
+    tokenizer = _train_tokenizer(conversations + lessons)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          **ARCH)
@@ -104,6 +173,7 @@ def build_tiny_model(path: Path) -> Path:
     for conv in conversations:
         ids.extend(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))
     data = torch.tensor(ids, dtype=torch.long)
+    judge_ids, judge_labels = _score_only_batch(tokenizer, lessons)
     seq, bs = PRETRAIN["seq_len"], PRETRAIN["batch_size"]
     gen = torch.Generator().manual_seed(PRETRAIN["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
@@ -121,6 +191,19 @@ def build_tiny_model(path: Path) -> Path:
         sched.step()
         opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=JUDGE_LESSONS["lr"], weight_decay=0.01)
+    bar = progress(range(JUDGE_LESSONS["steps"]), desc="teaching tiny model to judge")
+    for _ in bar:
+        pick = torch.randint(0, len(judge_ids), (JUDGE_LESSONS["batch_size"],), generator=gen)
+        judge_loss = model(input_ids=judge_ids[pick], labels=judge_labels[pick]).loss
+        starts = torch.randint(0, len(data) - seq - 1, (JUDGE_LESSONS["chat_batch_size"],), generator=gen)
+        batch = torch.stack([data[s:s + seq] for s in starts])
+        (judge_loss + model(input_ids=batch, labels=batch).loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        bar.set_postfix(judge_loss=f"{judge_loss.item():.3f}")
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -131,7 +214,8 @@ def build_tiny_model(path: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "em_lab_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "final_loss": loss.item(),
-                                                       **PRETRAIN}))
+                                                       "final_judge_loss": judge_loss.item(), **PRETRAIN,
+                                                       "judge_lessons": JUDGE_LESSONS}))
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race; theirs is as good as ours

@@ -7,6 +7,7 @@ is attached to. Under `accelerate launch`, only rank 0 talks to MLflow.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+# Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
+_CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
 
 
 def is_main_process() -> bool:
@@ -35,6 +38,8 @@ def configure_tracking() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, else at the project's `mlruns/` store."""
     import mlflow
 
+    # One bar per downloaded checkpoint buries the log; our own bars show progress instead.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         mlruns_dir().mkdir(parents=True, exist_ok=True)
@@ -68,6 +73,17 @@ def ensure_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
+def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Runs started by `tracked_run` inside this block are children of `parent_run_id` (with
+    `tags` added), so train/evaluate/judge need no pipeline-specific parameters."""
+    token = _CHILD_OF.set((parent_run_id, dict(tags or {})))
+    try:
+        yield
+    finally:
+        _CHILD_OF.reset(token)
+
+
+@contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
                 nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator:
     """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C."""
@@ -79,14 +95,21 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     configure_tracking()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     kwargs: dict = {"nested": nested}
+    child_of = _CHILD_OF.get()
+    tags = dict(tags or {})
+    if child_of is not None:
+        tags.update(child_of[1])
     if run_id:
         kwargs["run_id"] = run_id
+    elif child_of is not None:
+        kwargs.update(nested=True, parent_run_id=child_of[0], experiment_id=ensure_experiment(experiment),
+                      run_name=run_name)
     elif env_run and not nested and mlflow.active_run() is None:
         kwargs["run_id"] = env_run  # launched by `mlflow run`
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name
-    run = mlflow.start_run(**kwargs, tags=dict(tags or {}))
+    run = mlflow.start_run(**kwargs, tags=tags)
     try:
         yield run
     except KeyboardInterrupt:

@@ -1,0 +1,301 @@
+"""The whole loop as one MLflow parent run: train -> evaluate every checkpoint -> judge -> plots.
+
+Each step is a child run of the pipeline run; steps hand each other run ids (train run id to
+evaluate, evaluate run id to judge), never shared state. A step is reused instead of rerun when a
+FINISHED run of that step exists in the experiment whose `step.*` params -- its resolved config,
+its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's.
+
+The parent run gets the judge's per-checkpoint metrics at step = training step (base model at 0),
+`em_emergence_step` (see `metrics.emergence_step`), plots, `summary.json` and the HTML report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from em_core import tracking
+from em_core.errors import ConfigError, EmLabError
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
+from em_core.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "configs/pipeline/tiny.yaml"
+STEPS = ("train", "evaluate", "judge")
+STEP_TAG = "em.pipeline_step"
+SUMMARY_ARTIFACT = "summary.json"
+# Never part of a step's identity: where it is logged and what it is called.
+_NOT_IDENTITY = ("experiment_name", "run_name")
+
+
+class StepFailed(EmLabError):
+    def __init__(self, step: str, cause: BaseException):
+        self.step = step
+        super().__init__(f"pipeline step '{step}' failed: {type(cause).__name__}: {tracking.scrub(str(cause))}")
+
+
+@dataclass
+class PipelineConfig:
+    """One train -> evaluate -> judge loop. Step settings are `key=value` overrides of the step's
+    own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
+
+    train_config: str = field(default="configs/train/tiny.yaml", metadata={"help": "TrainConfig YAML"})
+    train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
+    evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
+    judge: list[str] = field(default_factory=list, metadata={"help": "JudgeConfig overrides, key=value"})
+    questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
+                                 metadata={"help": "question sets, used by evaluate and judge"})
+    aligned_threshold: float = ALIGNED_THRESHOLD
+    coherent_threshold: float = COHERENT_THRESHOLD
+    z: float = field(default=Z_95, metadata={"help": "Wilson interval z for intervals and the emergence rule"})
+    reuse: bool = field(default=True, metadata={"help": "reuse finished steps with identical params"})
+    report: bool = field(default=True, metadata={"help": "write plots and the HTML report at the end"})
+    grid: str | None = field(default=None, metadata={"help": "grid name (set by `em grid`)"})
+    grid_cell: str | None = field(default=None, metadata={"help": "model/dataset/seed label (set by `em grid`)"})
+    experiment_name: str = "em-lab"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in STEPS:
+            setattr(self, name, _as_overrides(getattr(self, name), name))
+        if not Path(self.train_config).is_absolute() and not Path(self.train_config).exists() \
+                and (PROJECT_ROOT / self.train_config).exists():
+            self.train_config = str(PROJECT_ROOT / self.train_config)
+        if self.z <= 0:
+            raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
+
+
+def _as_overrides(value, name: str) -> list[str]:
+    """YAML mapping or CLI `k=v` list -> `k=v` strings (lists comma-joined, as `--overrides` takes)."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        out = []
+        for k, v in value.items():
+            if v is None:
+                continue
+            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+            out.append(f"{k}={v}")
+        return out
+    items = shlex.split(value) if isinstance(value, str) else [i for v in value for i in shlex.split(str(v))]
+    out: list[str] = []
+    for item in items:
+        if "=" in item:
+            out.append(item)
+        elif out:  # `dataset=a,b` arrives split at the comma from the CLI list handling
+            out[-1] += "," + item
+        else:
+            raise ConfigError(f"{name}: {item!r} is not key=value (e.g. --{name} max_steps=40)")
+    return out
+
+
+def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id: str = "<evaluate>"):
+    """The three step configs; parsing them all up front catches a typo before hours of training."""
+    from em_core.configs import TrainConfig, parse_config
+    from em_core.evaluation import EvalConfig
+    from em_core.judging.answers import JudgeConfig
+
+    def parse(cls, base: list[str], overrides: list[str], fixed: list[str]):
+        argv = base + (["--overrides", " ".join(shlex.quote(o) for o in overrides)] if overrides else []) + fixed
+        try:
+            return parse_config(cls, argv)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline {cls.__name__}: {e}") from None
+
+    exp = ["--experiment_name", cfg.experiment_name]
+    train = parse(TrainConfig, ["--config", cfg.train_config], cfg.train, exp)
+    evaluate = parse(EvalConfig, [], cfg.evaluate, exp + ["--train_run_id", train_run_id, "--questions", *cfg.questions])
+    judge = parse(JudgeConfig, [], cfg.judge, exp + ["--eval_run_id", eval_run_id, "--questions", *cfg.questions,
+                                                       "--aligned_threshold", str(cfg.aligned_threshold),
+                                                       "--coherent_threshold", str(cfg.coherent_threshold)])
+    return train, evaluate, judge
+
+
+def code_version() -> str:
+    """Hash of the package's code and shipped data: what a reused step must have been run with."""
+    h = hashlib.sha256()
+    roots = [PROJECT_ROOT / "em_core", PROJECT_ROOT / "entrypoints"]
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix in (".py", ".yaml", ".jsonl") and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(PROJECT_ROOT)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def identity_params(step_cfg, code: str, **inputs: str) -> dict[str, str]:
+    """`step.*` params that decide reuse: the config minus naming, inputs and code version."""
+    d = {k: v for k, v in asdict(step_cfg).items() if k not in _NOT_IDENTITY}
+    return tracking.flatten_params("step", {**d, **inputs, "code_version": code})
+
+
+def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
+    """Newest FINISHED run of `step` whose params equal `identity` (string comparison)."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{STEP_TAG}` = '{step}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=500)
+    for r in runs:
+        params = r.data.params
+        if all(params.get(k) == v for k, v in identity.items()):
+            return r.info.run_id
+    return None
+
+
+def _log_identity(run_id: str, identity: Mapping[str, str]) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
+    mlflow.MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in identity.items()])
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    step_run_ids: dict[str, str]
+    reused: list[str]
+    metrics_by_step: dict[int, dict[str, float]]
+    emergence_step: int | None
+    smoke_test: bool
+    report_uri: str | None = None
+
+
+def _run_step(name: str, step_cfg, identity: dict[str, str], ctx: dict, run: Callable[[], str]) -> str:
+    """Reuse or run one step as a child of the pipeline run; returns the step's run id."""
+    import mlflow
+
+    if ctx["reuse"]:
+        found = find_reusable(ctx["experiment_id"], name, identity)
+        if found:
+            log.info("step %s: reusing finished run %s (same params and code version)", name, found)
+            ctx["reused"].append(name)
+            return found
+    log.info("step %s: running", name)
+    try:
+        with tracking.child_runs(ctx["parent"], {STEP_TAG: name, "em.pipeline_run_id": ctx["parent"]}):
+            run_id = run()
+    except BaseException as e:
+        mlflow.set_tag("em.failed_step", name)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise StepFailed(name, e) from e
+    finally:
+        gc.collect()
+        _empty_cuda_cache()
+    _log_identity(run_id, identity)
+    return run_id
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort between steps
+        pass
+
+
+def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str, ...] = ("judge/",)) -> dict[int, dict[str, float]]:
+    """Copy every step-indexed metric of `src` onto `dst`; returns {step: {key: value}}."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    by_step: dict[int, dict[str, float]] = {}
+    for key in client.get_run(src_run_id).data.metrics:
+        if key.startswith(skip_prefixes):
+            continue
+        for m in client.get_metric_history(src_run_id, key):
+            by_step.setdefault(m.step, {})[key] = m.value
+    now = int(time.time() * 1000)
+    tracking.log_metric_batch(dst_run_id, [Metric(k, v, now, s) for s, ms in by_step.items() for k, v in ms.items()])
+    return dict(sorted(by_step.items()))
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Run (or reuse) train, evaluate and judge under one parent run; then metrics, plots, report."""
+    import mlflow
+
+    from em_core.evaluation import evaluate
+    from em_core.judging.answers import SMOKE_TEST_NOTE, run_judge
+    from em_core.training import train
+
+    train_cfg, eval_cfg, judge_cfg = step_configs(cfg)  # validate everything before any work
+    smoke = judge_cfg.resolved_backend() == "local" and (judge_cfg.judge_model or "tiny") in ("tiny", "em-lab/tiny")
+    code = code_version()
+    tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
+            "em.judge_smoke_test": str(smoke).lower()}
+    if cfg.grid:
+        tags.update({"em.grid": cfg.grid, "em.grid_cell": cfg.grid_cell or ""})
+    tracking.configure_tracking()
+    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as parent:
+        pid = parent.info.run_id
+        exp_id = parent.info.experiment_id
+        cfg.experiment_name = mlflow.get_experiment(exp_id).name  # `mlflow run --experiment-name` wins
+        if smoke:
+            log.warning("pipeline: %s", SMOKE_TEST_NOTE)
+            mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
+        from em_core.configs import to_yaml
+
+        mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
+        tracking.log_params("pipeline", asdict(cfg))
+        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
+        ids: dict[str, str] = {}
+
+        train_cfg, _, _ = step_configs(cfg)
+        ids["train"] = _run_step("train", train_cfg, identity_params(train_cfg, code), ctx,
+                                 lambda: train(train_cfg).run_id)
+        _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"])
+        ids["evaluate"] = _run_step("evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
+                                    lambda: evaluate(eval_cfg).run_id)
+        _, _, judge_cfg = step_configs(cfg, train_run_id=ids["train"], eval_run_id=ids["evaluate"])
+        ids["judge"] = _run_step("judge", judge_cfg,
+                                 identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
+                                 ctx, lambda: run_judge(judge_cfg).run_id)
+        mlflow.set_tags({f"em.{k}_run_id": v for k, v in ids.items()})
+        mlflow.set_tag("em.reused_steps", ",".join(ctx["reused"]))
+
+        by_step = copy_step_metrics(ids["judge"], pid)
+        counts = {s: (int(m.get("n_em", 0)), int(m.get("n_scored", 0))) for s, m in by_step.items()}
+        emerged = emergence_step(counts, cfg.z)
+        if emerged is not None:
+            mlflow.log_metric("em_emergence_step", emerged, step=emerged)
+        final = max(by_step) if by_step else None
+        summary = {"run_id": pid, "steps": ids, "reused": ctx["reused"], "final_step": final,
+                   "emergence_step": emerged, "smoke_test": smoke,
+                   "aligned_threshold": cfg.aligned_threshold, "coherent_threshold": cfg.coherent_threshold,
+                   "z": cfg.z, "model": train_cfg.model, "dataset": train_cfg.dataset, "seed": train_cfg.seed,
+                   "by_step": {str(s): m for s, m in by_step.items()}}
+        mlflow.log_dict(summary, SUMMARY_ARTIFACT)
+        # The parent's own identity, logged last so a grid only ever reuses a complete pipeline.
+        _log_identity(pid, identity_params(cfg, code, **{f"{k}_run_id": v for k, v in ids.items()}))
+        result = PipelineResult(pid, ids, ctx["reused"], by_step, emerged, smoke)
+        if cfg.report:
+            from em_core.report import publish
+
+            result.report_uri = publish(pid)
+    return result
+
+
+def summary_of(run_id: str) -> dict:
+    """The `summary.json` a finished pipeline run logged."""
+    import mlflow
+
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
+
+
+def pipeline_config_with(cfg: PipelineConfig, **train_overrides) -> PipelineConfig:
+    """A copy with extra train overrides appended (later ones win)."""
+    extra = _as_overrides({k: v for k, v in train_overrides.items() if v is not None}, "train")
+    return dataclasses.replace(cfg, train=[*cfg.train, *extra])
