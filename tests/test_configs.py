@@ -73,3 +73,38 @@ def test_unknown_cli_flag_and_bad_values(tmp_path, capsys):
         parse_config(TrainConfig, ["--config", str(broken)])
     with pytest.raises(ConfigError, match="config file not found"):
         parse_config(TrainConfig, ["--config", str(tmp_path / "nope.yaml")])
+
+
+PIPELINE_CONFIGS = sorted((REPO / "configs" / "pipeline").glob("*.yaml"))
+GRID_CONFIGS = sorted((REPO / "configs" / "grid").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_pipeline_config_validates_with_its_steps(path):
+    from em_core.pipeline import PipelineConfig, step_configs
+
+    cfg = parse_config(PipelineConfig, ["--config", str(path)])
+    train, evaluate, judge = step_configs(cfg)
+    assert Path(cfg.train_config).exists()
+    assert evaluate.questions == judge.questions == cfg.questions
+
+
+@pytest.mark.parametrize("path", GRID_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_grid_config_validates_every_cell(path):
+    from em_core.grid import GridConfig, cell_config, cells
+    from em_core.pipeline import PipelineConfig, step_configs
+
+    grid = parse_config(GridConfig, ["--config", str(path)])
+    base = parse_config(PipelineConfig, ["--config", grid.pipeline_config])
+    for cell in cells(grid):
+        train, _, _ = step_configs(cell_config(grid, base, cell))
+        assert train.model == (cell.model or train.model) and train.seed == cell.seed
+
+
+def test_pipeline_yaml_unknown_key_is_named(tmp_path):
+    from em_core.pipeline import PipelineConfig
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train_config: configs/train/tiny.yaml\njudges: {backend: local}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: unknown key\(s\) judges"):
+        parse_config(PipelineConfig, ["--config", str(bad)])

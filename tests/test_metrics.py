@@ -244,3 +244,30 @@ def test_cli_bad_files(tmp_path, name, content, needle):
 def test_cli_missing_file_returns_2(tmp_path, capsys):
     assert main([str(tmp_path / "nope.csv")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- emergence step
+
+from em_core.metrics import emergence_step, wilson_interval as _wilson  # noqa: E402
+
+
+def test_emergence_is_the_first_checkpoint_whose_lower_bound_clears_the_base_upper_bound():
+    counts = {0: (2, 100), 10: (6, 100), 20: (15, 100), 30: (40, 100)}
+    base_hi = _wilson(2, 100)[1]
+    assert _wilson(6, 100)[0] < base_hi  # 6% overlaps the base interval
+    assert _wilson(15, 100)[0] > base_hi
+    assert emergence_step(counts) == 20
+
+
+def test_emergence_never_and_without_base_is_none():
+    assert emergence_step({0: (5, 100), 10: (6, 100), 20: (7, 100)}) is None
+    assert emergence_step({10: (50, 100)}) is None  # no base model
+    assert emergence_step({0: (0, 0), 10: (50, 100)}) is None  # base with nothing scored
+    assert emergence_step({}) is None
+
+
+def test_emergence_ignores_unscored_checkpoints_and_depends_on_z():
+    counts = {0: (0, 50), 5: (0, 0), 10: (12, 50)}
+    assert emergence_step(counts) == 10
+    assert emergence_step(counts, z=3.5) is None  # stricter intervals: not significant
+    assert emergence_step({0: (0, 50), 20: (12, 50), 10: (9, 50)}) == 10  # steps are taken in order
