@@ -212,7 +212,7 @@ def emergence_step(counts_by_step: Mapping[int, tuple[int, int]], z: float = Z_9
 
     `counts_by_step` maps training step -> (EM answers, scored answers). The rule: the lower
     Wilson bound of the checkpoint's EM rate exceeds the upper Wilson bound of the base model's
-    (step `base_step`). Non-overlapping intervals are conservative (roughly p < 0.005 at z=1.96),
+    (step `base_step`). Non-overlapping intervals are conservative (about p < 0.006 at z=1.96 for equal standard errors),
     which suits a quantity reported once per run. None when there is no scored base model.
     """
     base = counts_by_step.get(base_step)
