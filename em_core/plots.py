@@ -451,7 +451,7 @@ def select_examples(rows: Iterable[Mapping[str, Any]], *, steps: Sequence[int] |
 
 def _score_text(x: Any) -> str:
     v = to_score(x)
-    return "\u2013" if v is None else f"{v:g}"
+    return "\u2013" if v is None else f"{v:.1f}"
 
 
 def _md_cell(text: Any) -> str:

@@ -119,7 +119,7 @@ def _score(v: Any) -> str:
     if v is None or v == "" or _is_nan(v):
         return "\u2013"
     try:
-        return escape(f"{float(v):g}")
+        return escape(f"{float(v):.1f}")
     except (TypeError, ValueError):
         return escape(str(v))
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
 # Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
 _CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
 
@@ -127,6 +128,7 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
 def scrub(text: str) -> str:
     """Mask anything that looks like an API key or token."""
     text = _SECRET_VALUE.sub("***", text)
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
     for var in ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ANTHROPIC_API_KEY"):
         val = os.environ.get(var)
         if val and len(val) >= 4:

@@ -205,7 +205,7 @@ def test_examples_markdown_keeps_table_valid():
         assert unescaped_pipes == 5, line  # exactly the 5 column separators
     assert "line one \\| with pipe<br>line two<br>line three" in md
     assert "<script>" not in md and "&lt;script&gt;" in md
-    assert "| 300 | \u2013 | 20 |" in md  # unscored shown as a dash
+    assert "| 300 | \u2013 | 20.0 |" in md  # unscored shown as a dash
     assert "### q\\|1" in md and "### other" in md
 
 

@@ -1,0 +1,33 @@
+"""MLflow plumbing: secrets never reach params, child runs nest under a parent."""
+import mlflow
+
+from em_core import tracking
+
+
+def test_scrub_masks_keys_tokens_and_url_credentials(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "plain-secret-value")
+    text = "key sk-abcdefghijk hf_abcdefghijk url http://bob:pw@host:8000/v1 env plain-secret-value"
+    out = tracking.scrub(text)
+    for secret in ("sk-abcdefghijk", "hf_abcdefghijk", "bob:pw", "plain-secret-value"):
+        assert secret not in out
+    assert "http://***@host:8000/v1" in out
+
+
+def test_flatten_params_drops_secret_keys_and_scrubs_values():
+    flat = tracking.flatten_params("judge", {"api_key": "x", "base_url": "https://u:p@h/v1", "n": 3,
+                                             "overrides": ["base_url=http://u:p@h/v1"]})
+    assert "judge.api_key" not in flat
+    assert flat["judge.base_url"] == "https://***@h/v1" and flat["judge.n"] == "3"
+    assert "u:p" not in flat["judge.overrides"]
+
+
+def test_runs_started_inside_child_runs_are_children(mlflow_store):
+    with tracking.tracked_run("t", "parent") as parent:
+        with tracking.child_runs(parent.info.run_id, {"em.pipeline_step": "x"}):
+            with tracking.tracked_run("t", "child", tags={"a": "b"}) as child:
+                child_id = child.info.run_id
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    run = mlflow.MlflowClient().get_run(child_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["em.pipeline_step"] == "x" and run.data.tags["a"] == "b"
+    assert run.info.status == "FINISHED"
