@@ -117,6 +117,11 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
+        if type(e).__name__ == "TrialPruned":  # optuna stopped it on purpose: KILLED, not FAILED
+            with contextlib.suppress(Exception):
+                mlflow.set_tag("em.pruned", scrub(str(e))[:5000])
+            mlflow.end_run("KILLED")
+            raise
         with contextlib.suppress(Exception):
             mlflow.set_tag("em.error", f"{type(e).__name__}: {scrub(str(e))}"[:5000])
         mlflow.end_run("FAILED")
