@@ -5,6 +5,7 @@
     em judge --eval_run_id RUN_ID [--backend openai|openai-compatible|local]
     em pipeline [--config configs/pipeline/tiny.yaml] [--train k=v ...] [--evaluate k=v ...] [--judge k=v ...]
     em grid --config configs/grid/course.yaml [--print_commands true]
+    em sweep --config configs/sweep/tiny.yaml [--n_trials 8 --storage URL]
     em report RUN_ID
     em metrics judged.csv [--json]
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "judge": "entrypoints.judge:main",
     "pipeline": "entrypoints.pipeline:main",
     "grid": "entrypoints.grid:main",
+    "sweep": "entrypoints.sweep:main",
     "report": "em_core.report:main",
     "metrics": "em_core.metrics_cli:main",
 }
