@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,11 +144,22 @@ def make_storage(cfg: SweepConfig):
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
     url = cfg.storage_url()
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
-                      grace_period=cfg.grace_period,
-                      failed_trial_callback=_retry_and_kill_run(RetryFailedTrialCallback(max_retry=cfg.max_retry)))
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
+                              grace_period=cfg.grace_period,
+                              heartbeat_stale_trial_callback=_retry_and_kill_run(
+                                  RetryFailedTrialCallback(max_retry=cfg.max_retry)))
+        except SQLAlchemyError:
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)  # workers starting together race to create the schema
 
 
 def _retry_and_kill_run(retry):
@@ -174,8 +187,37 @@ def make_study(cfg: SweepConfig):
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                           n_warmup_steps=cfg.pruner_warmup_steps)
               if cfg.pruner == "median" else optuna.pruners.NopPruner())
-    return optuna.create_study(study_name=cfg.study_name, storage=make_storage(cfg), sampler=sampler,
-                               pruner=pruner, direction=cfg.direction, load_if_exists=True)
+    storage = make_storage(cfg)
+    try:
+        return optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
+                                   pruner=pruner, direction=cfg.direction, load_if_exists=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _claim_parent(study, cfg: SweepConfig, wait: float = 300.0) -> tuple[bool, str | None]:
+    """(this worker creates the study's MLflow parent run, else its id). Workers starting
+    together must agree on one parent: creating a marker study is atomic in the storage (study
+    names are unique), so exactly one worker wins; the others wait for it to publish the id."""
+    import time
+
+    import optuna
+
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_id:
+        return False, parent_id
+    try:
+        optuna.create_study(study_name=f"{cfg.study_name}.mlflow-parent", storage=study._storage)
+        return True, None
+    except optuna.exceptions.DuplicatedStudyError:
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            parent_id = optuna.load_study(study_name=cfg.study_name, storage=study._storage).user_attrs.get(PARENT_ATTR)
+            if parent_id:
+                return False, parent_id
+            time.sleep(0.5)
+        raise ConfigError(f"study {cfg.study_name}: another worker claimed the MLflow parent run but never "
+                          f"published it; if that worker died, delete the study '{cfg.study_name}.mlflow-parent'")
 
 
 def _base_pipeline(cfg: SweepConfig) -> PipelineConfig:
@@ -286,12 +328,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
     tracking.configure_tracking()
     study = make_study(cfg)
     name = cfg.registered_model_name or f"em-sweep-{cfg.study_name}"
-    parent_id = study.user_attrs.get(PARENT_ATTR)
+    creator, parent_id = _claim_parent(study, cfg)
     tags = {"em.entry_point": "sweep", "optuna.study_name": cfg.study_name}
     evaluator = _Evaluator(base)
     try:
         with tracking.tracked_run(cfg.experiment_name, f"sweep/{cfg.study_name}", run_id=parent_id, tags=tags) as parent:
-            if not parent_id:
+            if creator:
                 study.set_user_attr(PARENT_ATTR, parent.info.run_id)
                 tracking.log_params("sweep", asdict(cfg))
             pid = parent.info.run_id
@@ -299,6 +341,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
             def objective(trial) -> float:
                 params = suggest(trial, cfg)
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                 overrides = _as_overrides({**params, "checkpoint_steps": cfg.checkpoint_steps,
                                            "max_steps": max(cfg.checkpoint_steps),
                                            "checkpoints_in_first_epoch": 0, "checkpoint_every_epoch": False,
