@@ -108,3 +108,13 @@ def test_pipeline_yaml_unknown_key_is_named(tmp_path):
     bad.write_text("train_config: configs/train/tiny.yaml\njudges: {backend: local}\n")
     with pytest.raises(ConfigError, match=r"p.yaml: unknown key\(s\) judges"):
         parse_config(PipelineConfig, ["--config", str(bad)])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_config_validates(path):
+    from em_core.pipeline import step_configs
+    from em_core.sweep import SweepConfig, _base_pipeline
+
+    cfg = parse_config(SweepConfig, ["--config", str(path)])
+    step_configs(_base_pipeline(cfg))
+    assert cfg.checkpoint_steps == sorted(cfg.checkpoint_steps) and len(cfg.learning_rate) == 2
