@@ -252,6 +252,13 @@ class _Evaluator:
         self.judge_cfg = judge_cfg
         self.judge = build_judge(judge_cfg)
         self.trigger = ev.trigger
+        self._base: tuple[list[dict], dict[str, float]] | None = None
+
+    def base(self) -> tuple[list[dict], dict[str, float]]:
+        """The base model's answers and metrics, computed once per worker."""
+        if self._base is None:
+            self._base = self(None, 0)
+        return self._base
 
     def __call__(self, adapter: str | None, step: int) -> tuple[list[dict], dict[str, float]]:
         from em_core.generation import answer_rows
@@ -292,9 +299,8 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
             if run is not None:
                 trial.set_user_attr(RUN_ATTR, run.info.run_id)
                 mlflow.set_tags({"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)})
-            if 0 not in em_by_step:
-                rows, metrics = evaluator(None, 0)  # the base model, as step 0 of every trial
-                self._record(rows, metrics, 0)
+            rows, metrics = evaluator.base()  # the base model, as step 0 of every trial
+            self._record(rows, metrics, 0)
 
         def on_save(self, args, state, control, **kw):
             step = state.global_step
@@ -331,6 +337,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
     creator, parent_id = _claim_parent(study, cfg)
     tags = {"em.entry_point": "sweep", "optuna.study_name": cfg.study_name}
     evaluator = _Evaluator(base)
+    env_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made a run for this worker
+    if parent_id and env_run and env_run != parent_id:
+        mlflow.MlflowClient().set_tag(env_run, "em.sweep_parent_run_id", parent_id)
+        # otherwise mlflow.start_run would adopt it as the first trial's run
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    ok = False
     try:
         with tracking.tracked_run(cfg.experiment_name, f"sweep/{cfg.study_name}", run_id=parent_id, tags=tags) as parent:
             if creator:
@@ -374,9 +386,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 info["best"] = {"number": best.number, "value": best.value, "params": best.params,
                                 "run_id": best.user_attrs.get(RUN_ATTR), "model_uri": f"models:/{name}@best"}
             log_study_artifacts(study, pid)
+            ok = True
             return info
     finally:
         evaluator.close()
+        if parent_id and env_run and env_run != parent_id:  # trials went to the study's parent run
+            mlflow.MlflowClient().set_terminated(env_run, "FINISHED" if ok else "FAILED")
 
 
 def is_feasible(trial) -> bool:

@@ -129,7 +129,13 @@ def _worker(cfg_path: Path, extra: list[str] = ()) -> subprocess.Popen:
 def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
     cfg_path = sweep_yaml(tmp_path / "w.yaml", tmp_path, judge_url, study_name="w", n_trials=4,
                           pruner="none", sampler="random")
-    workers = [_worker(cfg_path), _worker(cfg_path)]
+    # one worker as `mlflow run . -e sweep`, one as the console entry point
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_RUN_ID", None)
+    via_mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager",
+                                   "local", "--experiment-name", "sweep-test", "-P", f"config={cfg_path}"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = [via_mlflow, _worker(cfg_path)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -143,6 +149,10 @@ def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
     parents = {t.user_attrs["mlflow_run_id"] and mlflow.MlflowClient().get_run(
         t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in finished}
     assert len(parents) == 1  # one parent run for the study, whichever worker ran the trial
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("sweep-test").experiment_id
+    sweeps = client.search_runs([exp], "tags.`em.entry_point` = 'sweep'")
+    assert sweeps and all(r.info.status == "FINISHED" for r in sweeps)  # no run of `mlflow run` left RUNNING
 
 
 def test_killed_worker_study_resumes_and_completes(module_store, tmp_path, judge_url):
