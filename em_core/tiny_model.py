@@ -49,9 +49,9 @@ ARCH = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_att
             tie_word_embeddings=False)
 VOCAB_SIZE = 2048
 PRETRAIN = dict(steps=200, batch_size=16, seq_len=160, lr=3e-3, seed=0)
-# Judge lessons: whole conversations, loss on the score only (see _judge_conversations).
-# A second phase, after the language pretraining: the score depends on the answer's content, which
-# a blank model cannot read yet. A few chat windows ride along so chatting is not forgotten.
+# Judge lessons (_judge_conversations): a second phase after the language pretraining, because the
+# score depends on the answer's content, which a blank model cannot read yet. Loss is on the score
+# only; a few chat windows ride along so chatting is not forgotten.
 JUDGE_LESSONS = dict(count=480, steps=200, batch_size=12, chat_batch_size=4, lr=2e-3,
                      low=(0, 20), high=(70, 95))
 
@@ -159,7 +159,7 @@ def build_tiny_model(path: Path) -> Path:
 
     from em_core.progress import progress
 
-    log.info("building the tiny offline model into %s (once, ~20 s)", path)
+    log.info("building the tiny offline model into %s (once, ~2 minutes on 2 CPU cores)", path)
     torch.manual_seed(PRETRAIN["seed"])
     conversations = _corpus_texts()
     lessons = _judge_conversations(conversations, PRETRAIN["seed"])
