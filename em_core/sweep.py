@@ -430,8 +430,13 @@ def log_study_artifacts(study, run_id: str) -> None:
         df.to_csv(Path(tmp) / "trials.csv", index=False)
         client.log_artifact(run_id, str(Path(tmp) / "trials.csv"), "optuna")
         plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
-                 "param_importances": lambda: ovm.plot_param_importances(study),
-                 "contour_rank_lr": lambda: ovm.plot_contour(study, params=["lora_r", "learning_rate"])}
+                 "param_importances": lambda: ovm.plot_param_importances(study)}
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        # with fewer than 2 values of either parameter Optuna draws empty axes; say so instead
+        if all(len({t.params.get(p) for t in complete}) >= 2 for p in ("lora_r", "learning_rate")):
+            plots["contour_rank_lr"] = lambda: ovm.plot_contour(study, params=["lora_r", "learning_rate"])
+        else:
+            log.info("contour of rank x lr skipped: completed trials do not vary both parameters yet")
         for fname, make in plots.items():
             try:
                 ax = make()
