@@ -54,6 +54,8 @@ class SweepConfig:
     num_train_epochs: list[float] | None = field(default=None, metadata={"help": "categorical epochs"})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "categorical choices, each comma-separated, e.g. all-linear q_proj,v_proj"})
+    layers_to_transform: list[str] | None = field(
+        default=None, metadata={"help": "categorical layer choices, each comma-separated, or `all`, e.g. all 21 0,1,2"})
     objective: str = field(default="emergence_step", metadata={"help": "emergence_step or final_em_rate"})
     em_threshold: float = field(default=0.2, metadata={"help": "EM rate that counts as emerged"})
     censored_factor: float = field(default=2.0, metadata={"help": "never emerged: value = factor x last grid step"})
@@ -85,6 +87,10 @@ class SweepConfig:
             problems.append(f"pruner must be one of {', '.join(PRUNERS)}")
         if not self.checkpoint_steps or any(s <= 0 for s in self.checkpoint_steps):
             problems.append("checkpoint_steps must be positive steps (the evaluation grid)")
+        bad_layers = [c for c in self.layers_to_transform or [] if c != "all"
+                      and not all(x.strip().isdigit() for x in str(c).split(","))]
+        if bad_layers:
+            problems.append(f"layers_to_transform choices must be `all` or comma-separated layer numbers, not {bad_layers[0]!r}")
         if not self.lora_r or any(r < 1 for r in self.lora_r):
             problems.append("lora_r must list ranks >= 1")
         if len(self.learning_rate) != 2 or not 0 < self.learning_rate[0] < self.learning_rate[1]:
@@ -136,6 +142,10 @@ def suggest(trial, cfg: SweepConfig) -> dict:
         params["num_train_epochs"] = trial.suggest_categorical("num_train_epochs", list(cfg.num_train_epochs))
     if cfg.lora_target_modules:
         params["lora_target_modules"] = trial.suggest_categorical("lora_target_modules", list(cfg.lora_target_modules))
+    if cfg.layers_to_transform:
+        layers = trial.suggest_categorical("layers_to_transform", list(cfg.layers_to_transform))
+        if layers != "all":  # `all`: keep the config's (usually every layer)
+            params["layers_to_transform"] = layers
     return params
 
 

@@ -72,6 +72,23 @@ def test_objective_and_censoring_rule():
     assert final.direction == "maximize" and objective_value(final, {0: 0.0, 10: 0.1, 20: 0.4}) == 0.4
 
 
+def test_optional_dimensions_become_train_overrides():
+    from em_core.pipeline import PipelineConfig, _as_overrides, step_configs
+    from em_core.sweep import suggest
+
+    cfg = SweepConfig(lora_alpha=[8, 32], num_train_epochs=[1.0, 2.0], lora_target_modules=["all-linear", "q_proj,v_proj"],
+                      layers_to_transform=["all", "1,2"])
+    trial = optuna.trial.FixedTrial({"lora_r": 4, "learning_rate": 3e-4, "lora_alpha": 8, "num_train_epochs": 2.0,
+                                     "lora_target_modules": "q_proj,v_proj", "layers_to_transform": "1,2"})
+    params = suggest(trial, cfg)
+    train, _, _ = step_configs(PipelineConfig(train=_as_overrides(params, "train")))
+    assert (train.lora_r, train.learning_rate, train.lora_alpha, train.num_train_epochs) == (4, 3e-4, 8, 2.0)
+    assert train.lora_target_modules == ["q_proj", "v_proj"] and train.layers_to_transform == [1, 2]
+    every = suggest(optuna.trial.FixedTrial({"lora_r": 4, "learning_rate": 3e-4, "lora_alpha": 8, "num_train_epochs": 1.0,
+                                             "lora_target_modules": "all-linear", "layers_to_transform": "all"}), cfg)
+    assert "layers_to_transform" not in every
+
+
 def test_bad_search_space_is_named():
     from em_core.errors import ConfigError
 
@@ -79,6 +96,8 @@ def test_bad_search_space_is_named():
         SweepConfig(learning_rate=[1e-3, 1e-5])
     with pytest.raises(ConfigError, match="objective must be one of"):
         SweepConfig(objective="fastest")
+    with pytest.raises(ConfigError, match="layers_to_transform choices"):
+        SweepConfig(layers_to_transform=["last"])
 
 
 def test_tiny_sweep_tracks_prunes_and_registers_best(module_store, tmp_path, judge_url):
