@@ -148,7 +148,7 @@ def run_grid(cfg: GridConfig) -> dict:
     if cfg.print_commands:
         for _, pcfg in todo:
             print(mlflow_run_command(cfg, pcfg))
-        print(f"# then: em grid --config <this grid> --summarize_only true")
+        print("# then: em grid --config <this grid> --summarize_only true")
         return {"commands": len(todo)}
     tracking.configure_tracking()
     code = code_version()

@@ -10,10 +10,8 @@ The parent run gets the judge's per-checkpoint metrics at step = training step (
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
-import json
 import logging
 import shlex
 from collections.abc import Callable, Mapping
@@ -294,8 +292,3 @@ def summary_of(run_id: str) -> dict:
 
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
 
-
-def pipeline_config_with(cfg: PipelineConfig, **train_overrides) -> PipelineConfig:
-    """A copy with extra train overrides appended (later ones win)."""
-    extra = _as_overrides({k: v for k, v in train_overrides.items() if v is not None}, "train")
-    return dataclasses.replace(cfg, train=[*cfg.train, *extra])

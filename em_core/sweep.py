@@ -151,7 +151,6 @@ def suggest(trial, cfg: SweepConfig) -> dict:
 
 def make_storage(cfg: SweepConfig):
     """RDB storage with heartbeats, so trials of a killed worker go stale and are retried."""
-    import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
     import time
