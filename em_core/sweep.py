@@ -349,8 +349,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     env_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made a run for this worker
     if parent_id and env_run and env_run != parent_id:
         mlflow.MlflowClient().set_tag(env_run, "em.sweep_parent_run_id", parent_id)
-        # otherwise mlflow.start_run would adopt it as the first trial's run
-        os.environ.pop("MLFLOW_RUN_ID", None)
     ok = False
     try:
         with tracking.tracked_run(cfg.experiment_name, f"sweep/{cfg.study_name}", run_id=parent_id, tags=tags) as parent:

@@ -105,8 +105,11 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     elif child_of is not None:
         kwargs.update(nested=True, parent_run_id=child_of[0], experiment_id=ensure_experiment(experiment),
                       run_name=run_name)
+        # mlflow.start_run() without run_id adopts MLFLOW_RUN_ID whatever else it is given
+        os.environ.pop("MLFLOW_RUN_ID", None)
     elif env_run and not nested and mlflow.active_run() is None:
-        kwargs["run_id"] = env_run  # launched by `mlflow run`
+        # launched by `mlflow run`; consumed, as MLflow does, so runs started later are not it
+        kwargs["run_id"] = os.environ.pop("MLFLOW_RUN_ID")
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name

@@ -171,14 +171,19 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "report.html").stat().st_size > 50_000
-    # the MLproject entry point attaches to the run `mlflow run` made and reuses every step
+    # the MLproject entry point attaches to the run `mlflow run` made, reuses train and evaluate,
+    # and runs the judge (new threshold) as a child run of its own, not as that run
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "pipeline", "--env-manager", "local",
-           "--experiment-name", EXPERIMENT, "-P", f"config={cfg_path}", "-P", "overrides=report=false"]
+           "--experiment-name", EXPERIMENT, "-P", f"config={cfg_path}",
+           "-P", "overrides=report=false aligned_threshold=35"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reused=train,evaluate,judge" in proc.stdout
+    assert "reused=train,evaluate" in proc.stdout
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     newest = client.search_runs([exp], "tags.`em.entry_point` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
     assert newest.info.status == "FINISHED" and newest.data.tags["em.train_run_id"] == result.step_run_ids["train"]
+    judge = client.get_run(newest.data.tags["em.judge_run_id"])
+    assert judge.info.run_id != newest.info.run_id
+    assert judge.data.tags["mlflow.parentRunId"] == newest.info.run_id and judge.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "em_rate")) == 4
