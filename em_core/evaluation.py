@@ -136,14 +136,25 @@ def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], 
     return cfg.model, [Target(0, "base", None)], {}
 
 
+def sampling_plan(cfg: EvalConfig) -> tuple[list[Question], list, list[list[dict]], SamplingParams]:
+    """(questions, prompt specs, chat prompts with the trigger applied, sampling params)."""
+    questions = load_question_sets(cfg.questions, cfg.judges_path)
+    specs = expand_prompts(questions, cfg.samples_per_paraphrase)
+    prompts = [with_trigger(s.messages, cfg.trigger) for s in specs]
+    return questions, specs, prompts, SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                                     cfg.batch_size, cfg.seed)
+
+
+def generator_for(cfg: EvalConfig, base: str):
+    return make_generator(cfg.backend, base, **({"dtype": cfg.dtype, "load_in_4bit": cfg.load_in_4bit}
+                                                if cfg.backend == "hf" else {}))
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Sample every target on the questions; log answers per checkpoint to an MLflow run."""
     import mlflow
 
-    questions = load_question_sets(cfg.questions, cfg.judges_path)
-    specs = expand_prompts(questions, cfg.samples_per_paraphrase)
-    prompts = [with_trigger(s.messages, cfg.trigger) for s in specs]
-    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+    _, specs, prompts, params = sampling_plan(cfg)
     tracking.configure_tracking()
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags={"em.entry_point": "evaluate"}) as run:
@@ -151,8 +162,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         if run is not None:
             mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
             tracking.log_params("eval", {**asdict(cfg), "n_prompts": len(specs)})
-        gen = make_generator(cfg.backend, base, **({"dtype": cfg.dtype, "load_in_4bit": cfg.load_in_4bit}
-                                                   if cfg.backend == "hf" else {}))
+        gen = generator_for(cfg, base)
         all_rows: list[dict] = []
         out_dir = Path(tmp) / ANSWERS_DIR
         out_dir.mkdir()

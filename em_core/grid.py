@@ -21,7 +21,7 @@ from pathlib import Path
 
 from em_core import tracking
 from em_core.errors import ConfigError
-from em_core.paths import PROJECT_ROOT
+from em_core.paths import project_file
 from em_core.pipeline import (DEFAULT_CONFIG, STEP_TAG, PipelineConfig, _as_overrides, code_version,
                               run_pipeline, summary_of)
 
@@ -54,9 +54,7 @@ class GridConfig:
             setattr(self, name, _as_overrides(getattr(self, name), name))
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
-        p = Path(self.pipeline_config)
-        if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
-            self.pipeline_config = str(PROJECT_ROOT / p)
+        self.pipeline_config = project_file(self.pipeline_config)
 
 
 @dataclass

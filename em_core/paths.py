@@ -8,6 +8,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 
 
+def project_file(path: str) -> str:
+    """`path` as given when it exists from here, else the project's file of that name (so shipped
+    configs resolve from any working directory, e.g. under `mlflow run`)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
+        return str(PROJECT_ROOT / p)
+    return path
+
+
 def resource_path(*parts: str) -> Path:
     return PACKAGE_DIR.joinpath("resources", *parts)
 

@@ -16,12 +16,11 @@ import logging
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from em_core import tracking
 from em_core.errors import ConfigError, EmLabError
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
-from em_core.paths import PROJECT_ROOT
+from em_core.paths import PROJECT_ROOT, project_file
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         for name in STEPS:
             setattr(self, name, _as_overrides(getattr(self, name), name))
-        if not Path(self.train_config).is_absolute() and not Path(self.train_config).exists() \
-                and (PROJECT_ROOT / self.train_config).exists():
-            self.train_config = str(PROJECT_ROOT / self.train_config)
+        self.train_config = project_file(self.train_config)
         if self.z <= 0:
             raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
 
@@ -204,10 +201,9 @@ def _empty_cuda_cache() -> None:
 
 def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str, ...] = ("judge/",)) -> dict[int, dict[str, float]]:
     """Copy every step-indexed metric of `src` onto `dst`; returns {step: {key: value}}."""
-    import time
-
     import mlflow
-    from mlflow.entities import Metric
+
+    from em_core.judging.answers import log_metrics_to_run
 
     client = mlflow.MlflowClient()
     by_step: dict[int, dict[str, float]] = {}
@@ -216,8 +212,7 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str
             continue
         for m in client.get_metric_history(src_run_id, key):
             by_step.setdefault(m.step, {})[key] = m.value
-    now = int(time.time() * 1000)
-    tracking.log_metric_batch(dst_run_id, [Metric(k, v, now, s) for s, ms in by_step.items() for k, v in ms.items()])
+    log_metrics_to_run(dst_run_id, by_step)
     return dict(sorted(by_step.items()))
 
 
@@ -230,7 +225,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from em_core.training import train
 
     train_cfg, eval_cfg, judge_cfg = step_configs(cfg)  # validate everything before any work
-    smoke = judge_cfg.resolved_backend() == "local" and (judge_cfg.judge_model or "tiny") in ("tiny", "em-lab/tiny")
+    smoke = judge_cfg.smoke_test()
     code = code_version()
     tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
             "em.judge_smoke_test": str(smoke).lower()}

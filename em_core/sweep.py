@@ -26,7 +26,7 @@ from pathlib import Path
 
 from em_core import tracking
 from em_core.errors import ConfigError
-from em_core.paths import PROJECT_ROOT, mlruns_dir
+from em_core.paths import mlruns_dir, project_file
 from em_core.pipeline import DEFAULT_CONFIG, PipelineConfig, _as_overrides, step_configs
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ class SweepConfig:
         if problems:
             raise ConfigError("invalid sweep config: " + "; ".join(problems))
         self.checkpoint_steps = sorted(set(self.checkpoint_steps))
-        p = Path(self.pipeline_config)
-        if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
-            self.pipeline_config = str(PROJECT_ROOT / p)
+        self.pipeline_config = project_file(self.pipeline_config)
 
     @property
     def direction(self) -> str:
@@ -245,19 +243,13 @@ class _Evaluator:
     once per worker and shared by its trials."""
 
     def __init__(self, base: PipelineConfig):
-        from em_core.evaluation import load_question_sets
-        from em_core.generation import SamplingParams, make_generator, with_trigger
+        from em_core.evaluation import generator_for, sampling_plan
         from em_core.judging.answers import build_judge
-        from em_core.questions import expand_prompts
 
         train, ev, judge_cfg = step_configs(base)
         self.model = train.model
-        self.questions = load_question_sets(ev.questions, ev.judges_path)
-        self.specs = expand_prompts(self.questions, ev.samples_per_paraphrase)
-        self.prompts = [with_trigger(s.messages, ev.trigger) for s in self.specs]
-        self.params = SamplingParams(ev.temperature, ev.top_p, ev.max_new_tokens, ev.batch_size, ev.seed)
-        self.generator = make_generator(ev.backend, train.model, **({"dtype": ev.dtype, "load_in_4bit": ev.load_in_4bit}
-                                                                     if ev.backend == "hf" else {}))
+        self.questions, self.specs, self.prompts, self.params = sampling_plan(ev)
+        self.generator = generator_for(ev, train.model)
         self.judge_cfg = judge_cfg
         self.judge = build_judge(judge_cfg)
         self.trigger = ev.trigger
@@ -291,8 +283,6 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
     import optuna
     from transformers import TrainerCallback
 
-    from em_core.checkpoints import step_of
-
     class EvalAndReport(TrainerCallback):
         def _record(self, rows: list[dict], metrics: dict[str, float], step: int) -> None:
             em_by_step[step] = metrics["em_rate"]
@@ -316,7 +306,6 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
             if step not in cfg.checkpoint_steps:
                 return
             path = Path(args.output_dir) / f"checkpoint-{step}"
-            assert step_of(path.name) == step
             rows, metrics = evaluator(str(path), step)
             self._record(rows, metrics, step)
             value = objective_value(cfg, em_by_step)

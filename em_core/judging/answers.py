@@ -68,6 +68,12 @@ class JudgeConfig:
             return self.backend
         return "openai" if os.environ.get("OPENAI_API_KEY") else "local"
 
+    def smoke_test(self) -> bool:
+        """Judged by the tiny model: the scores test the plumbing, they measure nothing."""
+        from em_core.tiny_model import is_tiny
+
+        return self.resolved_backend() == "local" and is_tiny(self.judge_model or "tiny")
+
 
 @dataclass
 class JudgeResult:
@@ -206,7 +212,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
         rows = read_answers(cfg.answers)
     backend = cfg.resolved_backend()
     judge = build_judge(cfg)
-    smoke = backend == "local" and (cfg.judge_model or "tiny") in ("tiny", "em-lab/tiny")
+    smoke = cfg.smoke_test()
     if smoke:
         log.warning("%s", SMOKE_TEST_NOTE)
     tags = {"em.entry_point": "judge", "em.judge_backend": backend, "em.judge_model": judge.model,
