@@ -357,6 +357,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                            "registry_alias": f"trial-{trial.number}",
                                            "run_name": f"{cfg.study_name}/trial-{trial.number}"}, "train")
                 train_cfg, _, _ = step_configs(PipelineConfig(**{**asdict(base), "train": [*base.train, *overrides]}))
+                if train_cfg.output_dir:  # a fixed folder: trials (and workers) would overwrite each other's checkpoints
+                    train_cfg.output_dir = str(Path(train_cfg.output_dir) / cfg.study_name / f"trial-{trial.number}")
                 em, coh = {}, {}
                 with tracking.child_runs(pid, {"em.sweep": cfg.study_name, "optuna.trial_number": str(trial.number)}):
                     result = train(train_cfg, extra_callbacks=[_trial_callback(trial, cfg, evaluator, em, coh)])

@@ -168,6 +168,8 @@ def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
     parents = {t.user_attrs["mlflow_run_id"] and mlflow.MlflowClient().get_run(
         t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in finished}
     assert len(parents) == 1  # one parent run for the study, whichever worker ran the trial
+    # the shared output_dir gets one folder per trial, so workers never read each other's checkpoints
+    assert sorted(p.name for p in (tmp_path / "out" / "w").iterdir()) == sorted(f"trial-{n}" for n in numbers)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("sweep-test").experiment_id
     sweeps = client.search_runs([exp], "tags.`em.entry_point` = 'sweep'")
