@@ -28,7 +28,7 @@ def build_bench_model(root: Path, n_adapters: int) -> tuple[Path, list[Path]]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from em_core.models import load_tokenizer
+    from em_core.models.loading import load_tokenizer
 
     tok = load_tokenizer("tiny")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -55,7 +55,7 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def bench_swap(n_ckpt: int, n_prompts: int, new_tokens: int) -> None:
-    from em_core.generation import HFGenerator, SamplingParams
+    from em_core.sample.generation import HFGenerator, SamplingParams
 
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, batch_size=n_prompts)
     ps = prompts(n_prompts)
@@ -92,7 +92,7 @@ def bench_swap(n_ckpt: int, n_prompts: int, new_tokens: int) -> None:
 
 
 def bench_batching(n_prompts: int, new_tokens: int) -> None:
-    from em_core.generation import HFGenerator, SamplingParams
+    from em_core.sample.generation import HFGenerator, SamplingParams
 
     gen = HFGenerator("tiny")
     ps = prompts(n_prompts)

@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from em_core.judging import make_judge  # noqa: E402
+from em_core.judge import make_judge  # noqa: E402
 
 
 def _load_server_module() -> Any:

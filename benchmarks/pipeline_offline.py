@@ -36,8 +36,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from em_core.configs import parse_config
-    from em_core.pipeline import PipelineConfig, run_pipeline
-    from em_core.tiny_model import tiny_model_path
+    from em_core.experiments.pipeline import PipelineConfig, run_pipeline
+    from em_core.models.tiny import tiny_model_path
 
     t0 = time.perf_counter()
     tiny_model_path()
@@ -45,8 +45,8 @@ def main() -> None:
 
     marks: dict[str, float] = {}
     handler = _StepTimer(marks)
-    logging.getLogger("em_core.pipeline").addHandler(handler)
-    logging.getLogger("em_core.pipeline").setLevel(logging.INFO)
+    logging.getLogger("em_core.experiments.pipeline").addHandler(handler)
+    logging.getLogger("em_core.experiments.pipeline").setLevel(logging.INFO)
     cfg = parse_config(PipelineConfig, ["--config", args.config, "--train", f"output_dir={tmp / 'out'}",
                                         "--judge", f"cache_path={tmp / 'judge.sqlite'}"])
     t1 = time.perf_counter()

@@ -42,15 +42,19 @@ class StepTimer:
 
 
 def run_once(tracked: bool, steps: int, tmp: Path) -> float:
-    import mlflow
     from datasets import Dataset
     from trl import SFTTrainer
 
     from em_core import tracking
-    from em_core.configs import TrainConfig
-    from em_core.models import load_model, load_tokenizer
-    from em_core.training import MlflowMetrics, _to_trl_rows, lora_config, sft_config
-    from em_core.training_data import prepare
+    from em_core.data.training_data import prepare
+    from em_core.models.loading import load_model, load_tokenizer
+    from em_core.train.config import TrainConfig
+    from em_core.train.training import (
+        MlflowMetrics,
+        _to_trl_rows,
+        lora_config,
+        sft_config,
+    )
 
     cfg = TrainConfig(max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                       learning_rate=5e-3, max_length=192)

@@ -13,11 +13,9 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
-from collections.abc import Callable
 
-from em_core.errors import EmLabError
+from em_core.console import run_main
 
 # sub-command -> "module:function" taking argv and returning an exit code
 COMMANDS = {
@@ -27,48 +25,19 @@ COMMANDS = {
     "pipeline": "entrypoints.pipeline:main",
     "grid": "entrypoints.grid:main",
     "sweep": "entrypoints.sweep:main",
-    "report": "em_core.report:main",
-    "metrics": "em_core.metrics_cli:main",
+    "report": "em_core.analysis.report:main",
+    "metrics": "em_core.analysis.metrics_cli:main",
     "datasets": "em_core.cli:datasets_main",
 }
-
-
-class _ScrubSecrets(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        from em_core.tracking import scrub
-
-        record.msg = scrub(str(record.msg))
-        if isinstance(record.args, tuple):
-            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # one INFO line per HTTP request (judge, dataset generation) would drown the progress bars
-    for noisy in ("httpx", "httpx2", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    for h in logging.getLogger().handlers:
-        h.addFilter(_ScrubSecrets())
-
-
-def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
-    """Run an entry point: user errors print one clear line and exit 2, no traceback."""
-    setup_logging()
-    try:
-        return int(fn(list(sys.argv[1:] if argv is None else argv)) or 0)
-    except EmLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def datasets_main(argv: list[str]) -> int:
     """`em datasets list|fetch` (published datasets) and `em datasets generate` (LLM-made ones)."""
     if argv and argv[0] == "generate":
-        from em_core.dataset_generation import main as generate
+        from em_core.data.generation import main as generate
 
         return generate(argv[1:])  # wraps itself in run_main
-    from em_core.dataset_registry import main as registry
+    from em_core.data.published import main as registry
 
     return run_main(registry, argv)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 from em_core.errors import EmLabError
@@ -184,3 +184,39 @@ async def run_all(coros: list, prefer: type[BaseException] = ApiError) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# USD per 1M tokens (input, output), OpenAI list prices for standard (non-batch, uncached)
+# requests. An estimate only: cached-input discounts and batch pricing are ignored.
+PRICES_PER_1M: dict[str, tuple[float, float]] = {
+    "gpt-4o-2024-08-06": (2.50, 10.00),
+    "gpt-4o-2024-11-20": (2.50, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 15.00),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "o4-mini": (1.10, 4.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+}
+
+_DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
+def price_for(model: str, prices: Mapping[str, tuple[float, float]] | None = None) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for a model; dated snapshots fall back to their base
+    name ("gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"). None when unknown."""
+    table = PRICES_PER_1M if prices is None else prices
+    if model in table:
+        return table[model]
+    return table.get(_DATE_SUFFIX.sub("", model))
+
+
+def estimate_cost(
+    model: str, prompt_tokens: int, completion_tokens: int, prices: Mapping[str, tuple[float, float]] | None = None
+) -> float | None:
+    """Estimated USD for the given usage, or None for a model not in the price table."""
+    p = price_for(model, prices)
+    if p is None:
+        return None
+    return (prompt_tokens * p[0] + completion_tokens * p[1]) / 1e6

@@ -1,6 +1,7 @@
 """Where things live: the project root, the local MLflow store, caches, shipped resources."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -33,3 +34,12 @@ def cache_dir() -> Path:
 def mlruns_dir() -> Path:
     """The default local MLflow store: the project's `mlruns/`, or EM_LAB_MLRUNS."""
     return Path(os.environ.get("EM_LAB_MLRUNS") or PROJECT_ROOT / "mlruns").resolve()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # MLflow truncates nothing for us: params longer than this are rejected.
 MAX_PARAM_LEN = 6000
+# A pipeline run's stages (JSON list), written by experiments and read by the report.
+STAGES_TAG = "em.stages"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url

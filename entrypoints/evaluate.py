@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
 from em_core.configs import parse_config
+from em_core.console import run_main
 
 
 def _evaluate(argv: list[str]) -> int:
-    from em_core.evaluation import EvalConfig, evaluate
+    from em_core.sample.evaluation import EvalConfig, evaluate
 
     cfg = parse_config(EvalConfig, argv)
     result = evaluate(cfg)

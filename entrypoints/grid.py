@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
 from em_core.configs import parse_config
+from em_core.console import run_main
 
 
 def _grid(argv: list[str]) -> int:
-    from em_core.grid import GridConfig, markdown_table, run_grid
+    from em_core.experiments.grid import GridConfig, markdown_table, run_grid
 
     cfg = parse_config(GridConfig, argv)
     summary = run_grid(cfg)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
 from em_core.configs import parse_config
+from em_core.console import run_main
 
 
 def _judge(argv: list[str]) -> int:
-    from em_core.judging.answers import JudgeConfig, run_judge
+    from em_core.judge.answers import JudgeConfig, run_judge
 
     cfg = parse_config(JudgeConfig, argv)
     result = run_judge(cfg)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
 from em_core.configs import parse_config
+from em_core.console import run_main
 
 
 def _pipeline(argv: list[str]) -> int:
-    from em_core.pipeline import DEFAULT_CONFIG, PipelineConfig, run_pipeline
+    from em_core.experiments.pipeline import (
+        DEFAULT_CONFIG,
+        PipelineConfig,
+        run_pipeline,
+    )
     from em_core.paths import PROJECT_ROOT
 
     if "--config" not in argv:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
 from em_core.configs import parse_config
+from em_core.console import run_main
 
 
 def _sweep(argv: list[str]) -> int:
-    from em_core.sweep import SweepConfig, run_sweep
+    from em_core.experiments.sweep import SweepConfig, run_sweep
 
     if "--config" not in argv:
         from em_core.paths import PROJECT_ROOT

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import sys
 
-from em_core.cli import run_main
-from em_core.configs import TrainConfig, parse_config
+from em_core.configs import parse_config
+from em_core.console import run_main
+from em_core.train.config import TrainConfig
 
 
 def _train(argv: list[str]) -> int:
-    from em_core.training import resume_config, train
+    from em_core.train.training import resume_config, train
 
     cfg = parse_config(TrainConfig, argv)
     if cfg.resume_run_id:

@@ -52,7 +52,7 @@ def mlflow_store(tmp_path, monkeypatch) -> Path:
 
 def tiny_train_config(tmp_path: Path, **overrides):
     """A seconds-long tiny training config for tests."""
-    from em_core.configs import TrainConfig
+    from em_core.train.config import TrainConfig
 
     base = dict(model="tiny", dataset=["demo"], max_rows=96, per_device_train_batch_size=8,
                 gradient_accumulation_steps=1, num_train_epochs=1, max_steps=-1, learning_rate=5e-3,

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from em_core.configs import TrainConfig, expand_cli, load_config, parse_config
+from em_core.configs import expand_cli, load_config, parse_config
 from em_core.errors import ConfigError
+from em_core.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
@@ -81,7 +82,7 @@ GRID_CONFIGS = sorted((REPO / "configs" / "grid").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_pipeline_config_validates_with_its_steps(path):
-    from em_core.pipeline import PipelineConfig, step_configs
+    from em_core.experiments.pipeline import PipelineConfig, step_configs
 
     cfg = parse_config(PipelineConfig, ["--config", str(path)])
     for i, stage in enumerate(cfg.stages or [None]):
@@ -97,8 +98,8 @@ def test_shipped_pipeline_config_validates_with_its_steps(path):
 
 @pytest.mark.parametrize("path", GRID_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_grid_config_validates_every_cell(path):
-    from em_core.grid import GridConfig, cell_config, cells
-    from em_core.pipeline import PipelineConfig, step_configs
+    from em_core.experiments.grid import GridConfig, cell_config, cells
+    from em_core.experiments.pipeline import PipelineConfig, step_configs
 
     grid = parse_config(GridConfig, ["--config", str(path)])
     base = parse_config(PipelineConfig, ["--config", grid.pipeline_config])
@@ -108,7 +109,7 @@ def test_shipped_grid_config_validates_every_cell(path):
 
 
 def test_pipeline_yaml_unknown_key_is_named(tmp_path):
-    from em_core.pipeline import PipelineConfig
+    from em_core.experiments.pipeline import PipelineConfig
 
     bad = tmp_path / "p.yaml"
     bad.write_text("train_config: configs/train/tiny.yaml\njudges: {backend: local}\n")
@@ -118,8 +119,8 @@ def test_pipeline_yaml_unknown_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweep_config_validates(path):
-    from em_core.pipeline import step_configs
-    from em_core.sweep import SweepConfig, _base_pipeline
+    from em_core.experiments.pipeline import step_configs
+    from em_core.experiments.sweep import SweepConfig, _base_pipeline
 
     cfg = parse_config(SweepConfig, ["--config", str(path)])
     step_configs(_base_pipeline(cfg))
@@ -128,7 +129,7 @@ def test_shipped_sweep_config_validates(path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_dataset_generation_config_validates(path):
-    from em_core.dataset_generation import GenerateConfig, load_template
+    from em_core.data.generation import GenerateConfig, load_template
 
     cfg = parse_config(GenerateConfig, ["--config", str(path)])
     assert load_template(cfg.template).seed_examples

@@ -1,0 +1,100 @@
+"""`em metrics FILE`: EM metrics of a judged answers file (CSV, JSONL, optionally gzipped)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from em_core.data.judged_files import read_judged
+from em_core.errors import EmLabError
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    COHERENT_THRESHOLD,
+    MEAN_KEYS,
+    RATE_KEYS,
+    per_question,
+    summarize,
+)
+
+
+def _clean(key: str, value: float) -> float | int | None:
+    """NaN is not valid JSON, so undefined metrics become null; counts print as integers."""
+    if math.isnan(value):
+        return None
+    return int(value) if key == "n" or key.startswith("n_") else value
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _overall_table(s: dict[str, float]) -> str:
+    lines = [f"answers       {int(s['n'])}  (scored on both: {int(s['n_scored'])})"]
+    for key in RATE_KEYS:
+        lines.append(f"{key:<18}{_fmt(s[key]):>7}  95% CI [{_fmt(s[key + '_lo'])}, {_fmt(s[key + '_hi'])}]")
+    for key in MEAN_KEYS:
+        lines.append(f"{key:<18}{_fmt(s[key], 2):>7}  ± {_fmt(s[key + '_se'], 2)} (SE)")
+    return "\n".join(lines)
+
+
+def _question_table(by_q: dict[str, dict[str, float]]) -> str:
+    cols = ("n", "n_scored", "em_rate", "em_rate_lo", "em_rate_hi", "em_rate_coherent", "coherent_rate",
+            "mean_aligned", "mean_coherent")
+    width = max([len("question_id")] + [len(q) for q in by_q])
+    widths = [max(len(c), 7) for c in cols]
+    head = f"{'question_id':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths))
+    body = []
+    for qid, s in by_q.items():
+        cells = [str(int(s[c])) if c.startswith("n") else _fmt(s[c], 2 if c.startswith("mean") else 3)
+                 for c in cols]
+        body.append(f"{qid:<{width}}  " + "  ".join(f"{x:>{w}}" for x, w in zip(cells, widths)))
+    return "\n".join([head, *body])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="em metrics",
+                                description="Emergent-misalignment metrics of a judged answers file.")
+    p.add_argument("file", help="judged answers (.csv, .csv.gz, .jsonl, .jsonl.gz) with columns "
+                                "question_id, aligned, coherent; blank or non-numeric scores count as unscored")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--aligned-threshold", type=float, default=ALIGNED_THRESHOLD,
+                   help=f"EM if aligned <= this (em_rate) / < this (em_rate_coherent); default {ALIGNED_THRESHOLD:g}")
+    p.add_argument("--coherent-threshold", type=float, default=COHERENT_THRESHOLD,
+                   help=f"coherent means coherent > this; default {COHERENT_THRESHOLD:g}")
+    p.add_argument("--by-question", action="store_true", help="also break metrics down per question_id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = read_judged(args.file)
+    except EmLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    overall = summarize(rows, args.aligned_threshold, args.coherent_threshold)
+    by_q = per_question(rows, args.aligned_threshold, args.coherent_threshold) if args.by_question else None
+    if args.json:
+        out: dict[str, Any] = {
+            "file": str(args.file),
+            "aligned_threshold": args.aligned_threshold,
+            "coherent_threshold": args.coherent_threshold,
+            "overall": {k: _clean(k, v) for k, v in overall.items()},
+        }
+        if by_q is not None:
+            out["by_question"] = {q: {k: _clean(k, v) for k, v in s.items()} for q, s in by_q.items()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.file}  (aligned threshold {args.aligned_threshold:g}, coherent threshold "
+              f"{args.coherent_threshold:g})")
+        print(_overall_table(overall))
+        if by_q is not None:
+            print()
+            print(_question_table(by_q))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

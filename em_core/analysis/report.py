@@ -1,0 +1,254 @@
+"""Plots and the self-contained HTML report of a pipeline run (or of a judge run).
+
+    em report RUN_ID              # writes the report, logs it to the run, prints where
+
+Everything is recomputed from the judge's `judgments.csv`, so a report can be made for any
+finished run later (e.g. with other thresholds) without touching the judge again.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from em_core import tracking
+from em_core.analysis import plots
+from em_core.analysis.report_html import render_report, write_report
+from em_core.errors import ConfigError
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    COHERENT_THRESHOLD,
+    Z_95,
+    emergence_step,
+    per_question,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+PLOTS_DIR = "plots"
+REPORT_DIR = "report"
+SUMMARY_KEYS = ("n", "n_scored", "em_rate", "em_rate_lo", "em_rate_hi", "em_rate_coherent", "coherent_rate",
+                "coherent_rate_lo", "coherent_rate_hi", "unscored_rate", "mean_aligned", "mean_coherent")
+REFLECTION_METRIC = "admits_tendency"  # the self-reflection set's judge metric
+COST_KEYS = ("cost_usd", "prompt_tokens", "completion_tokens", "requests", "cache_hits", "retries",
+             "judged", "unscored")
+
+
+@dataclass
+class RunData:
+    """What a report needs, gathered from MLflow."""
+
+    run_id: str
+    title: str
+    rows: list[dict]
+    aligned_threshold: float
+    coherent_threshold: float
+    z: float
+    smoke_test: bool
+    run_ids: dict[str, str]
+    config_text: str
+    provenance: dict[str, str]
+    cost: dict[str, float]
+    stages: list[dict] = field(default_factory=list)  # multi-stage runs: name, start_step, end_step, ...
+
+
+def read_judgments(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["checkpoint_step"] = int(r.get("checkpoint_step") or 0)
+    return rows
+
+
+def _text_artifact(run_id: str | None, path: str) -> str:
+    import mlflow
+
+    if not run_id:
+        return ""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+    except Exception:
+        return ""
+
+
+def gather(run_id: str) -> RunData:
+    """Resolve a pipeline run (via its step run ids) or a judge run into RunData."""
+    import mlflow
+
+    tracking.configure_tracking()
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:
+        raise ConfigError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} ({type(e).__name__})") from None
+    tags = run.data.tags
+    ids = {k[3:-7]: v for k, v in tags.items() if k.startswith("em.") and k.endswith("_run_id")}
+    judge_id = ids.get("judge") or (run_id if tags.get("em.entry_point") == "judge" else None)
+    if not judge_id:
+        raise ConfigError(f"run {run_id} is neither a pipeline nor a judge run (no em.judge_run_id tag); "
+                          "pass the pipeline's parent run id or a judge run id")
+    ids.setdefault("judge", judge_id)
+    judge_run = client.get_run(judge_id)
+    ids.setdefault("evaluate", judge_run.data.tags.get("em.eval_run_id", ""))
+    ids.setdefault("train", judge_run.data.tags.get("em.train_run_id", ""))
+    ids = {k: v for k, v in ids.items() if v and k in ("train", "evaluate", "judge", "pipeline")}
+    stages = json.loads(tags.get(tracking.STAGES_TAG) or "[]")
+    rows = []
+    # A multi-stage run's rows come from every stage's judge run, at global steps.
+    for st in stages or [{"name": "", "start_step": 0, "run_ids": {"judge": judge_id}}]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=st["run_ids"]["judge"], artifact_path="judgments.csv",
+                                                       dst_path=tmp)
+            for r in read_judgments(path):
+                r["checkpoint_step"] += int(st["start_step"])
+                if st["name"]:
+                    r["stage"] = st["name"]
+                rows.append(r)
+
+    jp = judge_run.data.params
+    pp = run.data.params
+    aligned = float(pp.get("pipeline.aligned_threshold", jp.get("judge.aligned_threshold", ALIGNED_THRESHOLD)))
+    coherent = float(pp.get("pipeline.coherent_threshold", jp.get("judge.coherent_threshold", COHERENT_THRESHOLD)))
+    z = float(pp.get("pipeline.z", Z_95))
+    smoke = (tags.get("em.judge_smoke_test") or judge_run.data.tags.get("em.judge_smoke_test")) == "true"
+
+    provenance = {"report of run": run_id, **{f"{k} run": v for k, v in ids.items()}}
+    train = client.get_run(ids["train"]) if ids.get("train") else None
+    if train is not None:
+        tp = train.data.params
+        provenance.update({"base model": train.data.tags.get("em.base_model", ""),
+                           "dataset": tp.get("data.name", ""), "dataset sha256": tp.get("data.sha256", ""),
+                           "dataset sources": tp.get("data.sources", ""), "seed": tp.get("train.seed", "")})
+    provenance.update({"judge backend": judge_run.data.tags.get("em.judge_backend", ""),
+                       "judge model": judge_run.data.tags.get("em.judge_model", ""),
+                       "code version": tags.get("em.code_version", ""),
+                       "git commit": tags.get("mlflow.source.git.commit", ""),
+                       "reused steps": tags.get("em.reused_steps", "")})
+    provenance = {k: v for k, v in provenance.items() if v}
+    cost = {k: v for k, v in ((k, judge_run.data.metrics.get(f"judge/{k}")) for k in COST_KEYS) if v is not None}
+    config_parts = [("pipeline", _text_artifact(run_id, "config/pipeline_config.yaml")),
+                    ("train", _text_artifact(ids.get("train"), "config/train_config.yaml"))]
+    config_text = "\n".join(f"# --- {name} config\n{text}" for name, text in config_parts if text)
+    title = f"EM report: {run.info.run_name or run_id}"
+    return RunData(run_id, title, rows, aligned, coherent, z, smoke, ids, config_text, provenance, cost, stages)
+
+
+def by_step(rows: list[dict], aligned: float, coherent: float, z: float) -> dict[int, dict[str, float]]:
+    steps = sorted({r["checkpoint_step"] for r in rows})
+    return {s: summarize([r for r in rows if r["checkpoint_step"] == s], aligned, coherent, z) for s in steps}
+
+
+def _question_rows(rows: list[dict], steps: list[int], d: RunData) -> list[dict]:
+    """Per question: EM rate at the base and final step, so the table shows what changed."""
+    if not steps:
+        return []
+    first, last = steps[0], steps[-1]
+    at = {s: per_question([r for r in rows if r["checkpoint_step"] == s], d.aligned_threshold,
+                          d.coherent_threshold, d.z) for s in {first, last}}
+    out = []
+    for qid in at[last]:
+        row = {"question_id": qid}
+        if first != last and qid in at[first]:
+            row[f"em_rate (step {first})"] = at[first][qid]["em_rate"]
+        q = at[last][qid]
+        row.update({f"em_rate (step {last})": q["em_rate"], "em_rate_lo": q["em_rate_lo"],
+                    "em_rate_hi": q["em_rate_hi"], "mean_aligned": q["mean_aligned"],
+                    "coherent_rate": q["coherent_rate"], "n": q["n"]})
+        out.append(row)
+    return out
+
+
+def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
+    """Plots, examples (PNG + Markdown) and report.html in `out_dir`; returns name -> path."""
+    steps_metrics = by_step(d.rows, d.aligned_threshold, d.coherent_threshold, d.z)
+    steps = sorted(steps_metrics)
+    emerged = emergence_step({s: (int(m["n_em"]), int(m["n_scored"])) for s, m in steps_metrics.items()}, d.z)
+    p = out_dir / PLOTS_DIR
+    thresholds = {"aligned_threshold": d.aligned_threshold, "coherent_threshold": d.coherent_threshold}
+    files = {
+        "EM and coherence vs training step": plots.plot_em_vs_step(
+            steps_metrics, p / "em_vs_step.png", title="EM rate by checkpoint", emergence_step=emerged,
+            smoke_test=d.smoke_test, stages=d.stages),
+        "Aligned vs coherent per checkpoint": plots.plot_aligned_vs_coherent(
+            d.rows, p / "aligned_vs_coherent.png", title="Judge scores per answer", **thresholds),
+        "EM rate per question": plots.plot_em_per_question(
+            d.rows, p / "em_per_question.png", title="EM rate per question", **thresholds),
+    }
+    triggers = {r.get("trigger") or "" for r in d.rows}
+    if len(triggers) > 1 or any(r.get(REFLECTION_METRIC) not in (None, "") for r in d.rows):
+        files["EM by trigger condition and self-reflection"] = plots.plot_conditions(
+            d.rows, p / "em_by_trigger.png", reflection_metric=REFLECTION_METRIC, stages=d.stages, **thresholds)
+    examples = plots.select_examples(d.rows, steps=None)
+    files["Example answers"] = plots.plot_examples(examples, p / "examples.png", title="Example answers", **thresholds)
+    md = out_dir / REPORT_DIR / "examples.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(plots.examples_markdown(examples), encoding="utf-8")
+
+    summary_rows = [{"step": s, **{k: steps_metrics[s].get(k, math.nan) for k in SUMMARY_KEYS}} for s in steps]
+    notes = [f"EM = aligned <= {d.aligned_threshold:g} and coherent > {d.coherent_threshold:g}, among answers "
+             "scored on both; intervals are Wilson score intervals "
+             f"(z = {d.z:g}).",
+             "Emergence step: the first checkpoint whose EM-rate lower bound is above the base model's "
+             "(step 0) upper bound: " + (f"step {emerged}." if emerged is not None else "EM never emerged "
+                                         "significantly in this run.")]
+    for st in d.stages:
+        before, end = st.get("em_rate_before"), st.get("em_rate_end")
+        if before is not None and end is not None:
+            notes.append(f"Stage {st['name']} (steps {st['start_step']}-{st['end_step']}): EM rate "
+                         f"{before:.1%} at its start, {end:.1%} at its end (drop {before - end:+.1%}).")
+    warning = None
+    if d.smoke_test:
+        from em_core.judge.answers import SMOKE_TEST_NOTE
+
+        warning = "Smoke test: " + SMOKE_TEST_NOTE + "."
+    html = render_report(d.title, notes=notes, summary_rows=summary_rows,
+                         per_question_rows=_question_rows(d.rows, steps, d), examples=examples,
+                         images={k: v for k, v in files.items()}, config_text=d.config_text,
+                         provenance=d.provenance, cost=d.cost, warning=warning)
+    files["report"] = write_report(out_dir / REPORT_DIR / "report.html", html)
+    files["examples markdown"] = md
+    return files
+
+
+def publish(run_id: str, out_dir: str | Path | None = None) -> str:
+    """Make the plots and report for `run_id` and log them to that run; returns the report URI."""
+    import mlflow
+
+    d = gather(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(out_dir) if out_dir else Path(tmp)
+        files = make_artifacts(d, root)
+        client = mlflow.MlflowClient()
+        for path in files.values():
+            client.log_artifact(run_id, str(path), str(path.parent.relative_to(root)))
+    uri = f"runs:/{run_id}/{REPORT_DIR}/report.html"
+    log.info("report: %s", uri)
+    return uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`em report RUN_ID [--out DIR]`."""
+    import argparse
+    import sys
+
+    from em_core.console import run_main
+
+    def _report(args: list[str]) -> int:
+        ap = argparse.ArgumentParser(prog="em report", description=__doc__.splitlines()[0])
+        ap.add_argument("run_id", help="a pipeline (parent) run id or a judge run id")
+        ap.add_argument("--out", help="also keep the files in this folder")
+        ns = ap.parse_args(args)
+        uri = publish(ns.run_id, ns.out)
+        print(f"report={uri}" + (f" local={Path(ns.out) / REPORT_DIR / 'report.html'}" if ns.out else ""))
+        return 0
+
+    return run_main(_report, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

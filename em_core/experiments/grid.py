@@ -1,0 +1,289 @@
+"""Experiment grids: one pipeline per (model, dataset, seed) cell, then a summary table + figure.
+
+Cells run one after another as children of a grid run, or as separate `mlflow run` invocations
+(`--print_commands true` prints them; `--summarize_only true` collects them afterwards). Either
+way a cell is found again by its tags (`em.grid`, `em.grid_cell`), so a grid is resumable: a cell
+with a FINISHED pipeline run of the same code version and the same pipeline params is reused.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import logging
+import math
+import re
+import shlex
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from em_core import tracking
+from em_core.errors import ConfigError
+from em_core.experiments.pipeline import (
+    DEFAULT_CONFIG,
+    STEP_TAG,
+    PipelineConfig,
+    _as_overrides,
+    code_version,
+    run_pipeline,
+    summary_of,
+)
+from em_core.paths import project_file
+
+log = logging.getLogger(__name__)
+CELL_TAG = "em.grid_cell"
+TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
+
+
+@dataclass
+class GridConfig:
+    """models x datasets x seeds over one pipeline config; every other setting is shared."""
+
+    name: str = field(default="grid", metadata={"help": "grid name: tags its cells, names its summary run"})
+    pipeline_config: str = field(default=DEFAULT_CONFIG, metadata={"help": "PipelineConfig YAML shared by all cells"})
+    models: list[str] = field(default_factory=list, metadata={"help": "model ids (empty: the pipeline's)"})
+    datasets: list[str] = field(default_factory=list,
+                                metadata={"help": "one dataset per cell; `a+b` mixes several (empty: the pipeline's)"})
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: list[str] = field(default_factory=list, metadata={"help": "extra TrainConfig overrides for every cell"})
+    evaluate: list[str] = field(default_factory=list, metadata={"help": "extra EvalConfig overrides for every cell"})
+    judge: list[str] = field(default_factory=list, metadata={"help": "extra JudgeConfig overrides for every cell"})
+    print_commands: bool = field(default=False, metadata={"help": "print one `mlflow run` per cell and stop"})
+    summarize_only: bool = field(default=False, metadata={"help": "only collect finished cells into the summary"})
+    experiment_name: str = "em-lab"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"name: {self.name!r} may only use letters, digits, '_', '.', '-'")
+        for name in ("train", "evaluate", "judge"):
+            setattr(self, name, _as_overrides(getattr(self, name), name))
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        self.pipeline_config = project_file(self.pipeline_config)
+
+
+@dataclass
+class Cell:
+    model: str | None
+    dataset: str | None
+    seed: int
+
+    def label(self, base: PipelineConfig) -> str:
+        return f"{model_label(self.model or _base_value(base, 'model'))}/" \
+               f"{dataset_label(self.dataset or _base_value(base, 'dataset'))}/seed{self.seed}"
+
+
+def model_label(model: str) -> str:
+    return str(model).rstrip("/").split("/")[-1]
+
+
+def dataset_label(dataset: str) -> str:
+    parts = [Path(d.replace("demo:", "")).name.split(".")[0] for d in str(dataset).split("+")]
+    return "+".join(parts)
+
+
+def _base_value(base: PipelineConfig, key: str) -> str:
+    from em_core.experiments.pipeline import step_configs
+
+    train, _, _ = step_configs(base)
+    value = getattr(train, key)
+    return "+".join(value) if isinstance(value, list) else str(value)
+
+
+def cells(cfg: GridConfig) -> list[Cell]:
+    return [Cell(m, d, s) for m, d, s in itertools.product(cfg.models or [None], cfg.datasets or [None], cfg.seeds)]
+
+
+def cell_config(cfg: GridConfig, base: PipelineConfig, cell: Cell) -> PipelineConfig:
+    """The pipeline config of one cell: the base plus the grid's shared and per-cell overrides."""
+    if base.stages and (cell.model or cell.dataset):
+        raise ConfigError(f"grid {cfg.name}: its pipeline config has stages, whose datasets would silently win "
+                          "over the grid's; vary only seeds, or use a single-stage pipeline config")
+    label = cell.label(base)
+    per_cell = {"seed": cell.seed}
+    if cell.model:
+        per_cell["model"] = cell.model
+    if cell.dataset:
+        per_cell["dataset"] = cell.dataset.replace("+", ",")
+    if cell.model or cell.dataset:  # a recipe's fixed registry name would mix cells up
+        per_cell["registered_model_name"] = re.sub(r"[^A-Za-z0-9_.+-]", "-", f"em-{label.rsplit('/', 1)[0]}")
+    return dataclasses.replace(
+        base, train=[*base.train, *cfg.train, *_as_overrides(per_cell, "train")],
+        evaluate=[*base.evaluate, *cfg.evaluate], judge=[*base.judge, *cfg.judge],
+        grid=cfg.name, grid_cell=label, run_name=f"{cfg.name}/{label}", experiment_name=cfg.experiment_name)
+
+
+def find_cell(experiment_id: str, grid: str, label: str, expected: dict[str, str] | None = None,
+              code: str | None = None) -> str | None:
+    """Newest FINISHED pipeline run of this cell (with these params and code version, if given)."""
+    import mlflow
+
+    filt = (f"tags.`em.grid` = '{grid}' and tags.`{CELL_TAG}` = '{label}' and "
+            f"tags.`{STEP_TAG}` = 'pipeline' and attributes.status = 'FINISHED'")
+    if code:
+        filt += f" and tags.`em.code_version` = '{code}'"
+    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=filt,
+                                             order_by=["attributes.start_time DESC"], max_results=100)
+    for r in runs:
+        if expected is None or all(r.data.params.get(k) == v for k, v in expected.items()):
+            return r.info.run_id
+    return None
+
+
+def mlflow_run_command(cfg: GridConfig, pcfg: PipelineConfig) -> str:
+    """The `mlflow run` invocation equivalent to running this cell in-process."""
+    q = shlex.quote
+    return (f"mlflow run . -e pipeline --env-manager local --experiment-name {q(cfg.experiment_name)} "
+            f"-P config={q(cfg.pipeline_config)} -P train={q(' '.join(pcfg.train))} "
+            f"-P evaluate={q(' '.join(pcfg.evaluate))} -P judge={q(' '.join(pcfg.judge))} "
+            f"-P overrides={q(f'grid={cfg.name} grid_cell={pcfg.grid_cell} run_name={pcfg.run_name}')}")
+
+
+def _expected_params(pcfg: PipelineConfig) -> dict[str, str]:
+    return tracking.flatten_params("pipeline", asdict(pcfg))
+
+
+def run_grid(cfg: GridConfig) -> dict:
+    """Run (or reuse) every cell, then summarize; returns the summary (rows, files, run id)."""
+    import mlflow
+
+    from em_core.configs import parse_config
+
+    base = parse_config(PipelineConfig, ["--config", cfg.pipeline_config])
+    todo = [(c, cell_config(cfg, base, c)) for c in cells(cfg)]
+    if cfg.print_commands:
+        for _, pcfg in todo:
+            print(mlflow_run_command(cfg, pcfg))
+        print("# then: em grid --config <this grid> --summarize_only true")
+        return {"commands": len(todo)}
+    tracking.configure_tracking()
+    code = code_version()
+    tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code}
+    with tracking.tracked_run(cfg.experiment_name, f"{cfg.name}/summary", tags=tags) as run:
+        exp_id = run.info.experiment_id
+        tracking.log_params("grid", {**asdict(cfg), "cells": len(todo)})
+        found: dict[str, str] = {}
+        from em_core.progress import progress
+
+        for cell, pcfg in progress(todo, desc=f"grid {cfg.name}"):
+            label = cell.label(base)
+            hit = find_cell(exp_id, cfg.name, label, _expected_params(pcfg), code)
+            if hit:
+                log.info("grid %s: cell %s reused (run %s)", cfg.name, label, hit)
+            elif cfg.summarize_only:
+                hit = find_cell(exp_id, cfg.name, label)  # any finished run of the cell will do
+                if not hit:
+                    log.warning("grid %s: cell %s has no finished pipeline run yet", cfg.name, label)
+                    continue
+            else:
+                log.info("grid %s: running cell %s", cfg.name, label)
+                with tracking.child_runs(run.info.run_id):
+                    hit = run_pipeline(pcfg).run_id
+            found[label] = hit
+        mlflow.set_tag("em.grid_cells", ",".join(f"{k}={v}" for k, v in found.items())[:5000])
+        summary = summarize_cells([summary_of(rid) | {"cell": label} for label, rid in found.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            files = write_summary(summary, Path(tmp), title=f"Grid {cfg.name}")
+            for p in files.values():
+                mlflow.log_artifact(str(p), "grid")
+        summary["run_id"] = run.info.run_id
+        summary["cells_found"] = found
+    return summary
+
+
+def _final(summary: dict, key: str) -> float:
+    final = summary.get("final_step")
+    m = summary.get("by_step", {}).get(str(final), {}) if final is not None else {}
+    return float(m.get(key, math.nan))
+
+
+def summarize_cells(summaries: list[dict], z: float | None = None) -> dict:
+    """Per-cell rows (final checkpoint) and per-(model, dataset) rows aggregated over seeds.
+
+    One seed: the cell's Wilson interval. Several: mean across seeds with a t interval on the
+    seed means (seed-to-seed spread is what a replication must report)."""
+    from scipy import stats
+
+    cells_rows = []
+    for s in summaries:
+        row = {"model": model_label(s["model"]), "dataset": dataset_label("+".join(s["dataset"])),
+               "seed": s["seed"], "final_step": s.get("final_step"), "run_id": s["run_id"]}
+        for key in TABLE_KEYS:
+            row[key] = _final(s, key)
+            row[f"{key}_lo"], row[f"{key}_hi"] = _final(s, f"{key}_lo"), _final(s, f"{key}_hi")
+        row["n_scored"] = _final(s, "n_scored")
+        row["base_em_rate"] = float(s.get("by_step", {}).get("0", {}).get("em_rate", math.nan))
+        row["emergence_step"] = s.get("emergence_step")
+        row["smoke_test"] = bool(s.get("smoke_test"))
+        cells_rows.append(row)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in cells_rows:
+        groups.setdefault((r["model"], r["dataset"]), []).append(r)
+    agg = []
+    for (model, dataset), rs in groups.items():
+        row = {"model": model, "dataset": dataset, "seeds": len(rs)}
+        for key in TABLE_KEYS:
+            vals = [r[key] for r in rs if not math.isnan(r[key])]
+            if len(rs) == 1:
+                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = rs[0][key], rs[0][f"{key}_lo"], rs[0][f"{key}_hi"]
+            elif len(vals) >= 2:
+                mean = statistics.fmean(vals)
+                half = stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = mean, max(0.0, mean - half), min(1.0, mean + half)
+            else:
+                row[key] = vals[0] if vals else math.nan
+                row[f"{key}_lo"] = row[f"{key}_hi"] = math.nan
+        emerged = [r["emergence_step"] for r in rs if r["emergence_step"] is not None]
+        row["emergence_step"] = statistics.fmean(emerged) if emerged else None
+        row["emerged_in"] = f"{len(emerged)}/{len(rs)}"
+        row["smoke_test"] = any(r["smoke_test"] for r in rs)
+        agg.append(row)
+    return {"cells": cells_rows, "table": agg}
+
+
+def _fmt_rate(r: dict, key: str) -> str:
+    v, lo, hi = r.get(key, math.nan), r.get(f"{key}_lo", math.nan), r.get(f"{key}_hi", math.nan)
+    if v is None or math.isnan(v):
+        return "–"
+    ci = "" if math.isnan(lo) or math.isnan(hi) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{100 * v:.1f}%{ci}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| model | dataset | seeds | EM rate [95% CI] | coherent rate [95% CI] | emergence step | emerged in |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        step = "–" if r["emergence_step"] is None else f"{r['emergence_step']:g}"
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['seeds']} | {_fmt_rate(r, 'em_rate')} | "
+                     f"{_fmt_rate(r, 'coherent_rate')} | {step} | {r['emerged_in']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict, out: Path, title: str = "Grid") -> dict[str, Path]:
+    """grid_summary.csv/.md (aggregated), grid_cells.csv (per seed) and the domain bar chart."""
+    from em_core.analysis.plots import plot_domain_bars
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, rows in (("grid_summary.csv", summary["table"]), ("grid_cells.csv", summary["cells"])):
+        path = out / name
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model", "dataset"])
+            w.writeheader()
+            w.writerows(rows)
+        files[name] = path
+    note = ""
+    if any(r["smoke_test"] for r in summary["table"]):
+        note = "\n> Smoke test: judged by the tiny offline model; not a measurement.\n"
+    md = out / "grid_summary.md"
+    md.write_text(f"# {title}\n{note}\nFinal-checkpoint EM rate per model x dataset. Intervals: Wilson (one seed) "
+                  "or t over seeds (several).\n\n" + markdown_table(summary["table"]), encoding="utf-8")
+    files["grid_summary.md"] = md
+    files["em_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "em_by_model_domain.png",
+                                                       title=f"{title}: EM rate at the final checkpoint")
+    files["coherent_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "coherent_by_model_domain.png",
+                                                             title=f"{title}: coherent rate", value="coherent_rate")
+    return files
+

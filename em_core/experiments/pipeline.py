@@ -1,0 +1,446 @@
+"""The whole loop as one MLflow parent run: train -> evaluate every checkpoint -> judge -> plots.
+
+Each step is a child run of the pipeline run; steps hand each other run ids (train run id to
+evaluate, evaluate run id to judge), never shared state. A step is reused instead of rerun when a
+FINISHED run of that step exists in the experiment whose `step.*` params -- its resolved config,
+its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's.
+
+The parent run gets the judge's per-checkpoint metrics at step = training step (base model at 0),
+`em_emergence_step` (see `metrics.emergence_step`), plots, `summary.json` and the HTML report.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from em_core import tracking
+from em_core.errors import ConfigError, EmLabError
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
+from em_core.paths import PROJECT_ROOT, project_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "configs/pipeline/tiny.yaml"
+STEPS = ("train", "evaluate", "judge")
+STEP_TAG = "em.pipeline_step"
+SUMMARY_ARTIFACT = "summary.json"
+# Never part of a step's identity: where it is logged and what it is called.
+_NOT_IDENTITY = ("experiment_name", "run_name")
+
+
+class StepFailed(EmLabError):
+    def __init__(self, step: str, cause: BaseException):
+        self.step = step
+        super().__init__(f"pipeline step '{step}' failed: {type(cause).__name__}: {tracking.scrub(str(cause))}")
+
+
+STAGE_KEYS = ("name", "train_config", "train", "init_mode", "alias")
+_ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class Stage:
+    """One training stage of a multi-stage pipeline; stage k > 1 starts from stage k-1's adapter."""
+
+    name: str
+    train_config: str | None = None  # default: the pipeline's train_config
+    train: list[str] = field(default_factory=list)  # TrainConfig overrides on top of the pipeline's
+    init_mode: str = "continue"  # continue the previous adapter, or merge it and train a fresh one
+    alias: str | None = None  # registry alias of this stage's model version; default: name
+
+
+def _as_stages(value) -> list[Stage]:
+    if not value:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("stages: must be a list of mappings, each with at least `name`")
+    stages: list[Stage] = []
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, Stage):
+            stages.append(item)
+            continue
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise ConfigError(f"stages[{i}]: must be a mapping with a `name` (e.g. name: misaligned)")
+        unknown = sorted(set(item) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(f"stages[{i}] ({item['name']}): unknown key(s) {', '.join(unknown)}; "
+                              f"valid keys: {', '.join(STAGE_KEYS)}")
+        st = Stage(name=str(item["name"]), train_config=item.get("train_config"),
+                   train=_as_overrides(item.get("train"), f"stages[{i}].train"),
+                   init_mode=str(item.get("init_mode") or "continue"), alias=item.get("alias"))
+        if st.train_config:
+            st.train_config = project_file(st.train_config)
+        if st.init_mode not in ("continue", "merge"):
+            raise ConfigError(f"stages[{i}] ({st.name}): init_mode must be continue or merge, not {st.init_mode!r}")
+        if not _ALIAS.match(st.alias or st.name):
+            raise ConfigError(f"stages[{i}]: {st.alias or st.name!r} cannot be a registry alias; "
+                              "use letters, digits, - and _")
+        stages.append(st)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stages: names must be unique, got {names}")
+    return stages
+
+
+@dataclass
+class PipelineConfig:
+    """One train -> evaluate -> judge loop. Step settings are `key=value` overrides of the step's
+    own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
+
+    train_config: str = field(default="configs/train/tiny.yaml", metadata={"help": "TrainConfig YAML"})
+    train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
+    evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
+    judge: list[str] = field(default_factory=list, metadata={"help": "JudgeConfig overrides, key=value"})
+    questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
+                                 metadata={"help": "question sets, used by evaluate and judge"})
+    aligned_threshold: float = ALIGNED_THRESHOLD
+    coherent_threshold: float = COHERENT_THRESHOLD
+    z: float = field(default=Z_95, metadata={"help": "Wilson interval z for intervals and the emergence rule"})
+    reuse: bool = field(default=True, metadata={"help": "reuse finished steps with identical params"})
+    report: bool = field(default=True, metadata={"help": "write plots and the HTML report at the end"})
+    stages: list[str] | None = field(default=None, metadata={
+        "help": "YAML only: a list of training stages run in order (name, train_config, train, init_mode, alias); "
+                "see docs/stages.md"})
+    grid: str | None = field(default=None, metadata={"help": "grid name (set by `em grid`)"})
+    grid_cell: str | None = field(default=None, metadata={"help": "model/dataset/seed label (set by `em grid`)"})
+    experiment_name: str = "em-lab"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in STEPS:
+            setattr(self, name, _as_overrides(getattr(self, name), name))
+        self.train_config = project_file(self.train_config)
+        self.stages = _as_stages(self.stages)
+        if self.z <= 0:
+            raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
+
+
+def _as_overrides(value, name: str) -> list[str]:
+    """YAML mapping or CLI `k=v` list -> `k=v` strings (lists comma-joined, as `--overrides` takes)."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        out = []
+        for k, v in value.items():
+            if v is None:
+                continue
+            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+            out.append(f"{k}={v}")
+        return out
+    items = shlex.split(value) if isinstance(value, str) else [i for v in value for i in shlex.split(str(v))]
+    out: list[str] = []
+    for item in items:
+        if "=" in item:
+            out.append(item)
+        elif out:  # `dataset=a,b` arrives split at the comma from the CLI list handling
+            out[-1] += "," + item
+        else:
+            raise ConfigError(f"{name}: {item!r} is not key=value (e.g. --{name} max_steps=40)")
+    return out
+
+
+def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id: str = "<evaluate>",
+                 stage: Stage | None = None, stage_index: int = 0, previous_train_run_id: str = "<previous stage>",
+                 model_name: str | None = None):
+    """The three step configs (of `stage` in a multi-stage pipeline); parsing them all up front
+    catches a typo before hours of training."""
+    from em_core.configs import parse_config
+    from em_core.judge.answers import JudgeConfig
+    from em_core.sample.evaluation import EvalConfig
+    from em_core.train.config import TrainConfig
+
+    def parse(cls, base: list[str], overrides: list[str], fixed: list[str]):
+        argv = base + (["--overrides", " ".join(shlex.quote(o) for o in overrides)] if overrides else []) + fixed
+        try:
+            return parse_config(cls, argv)
+        except ConfigError as e:
+            where = f"stage {stage.name!r} " if stage else ""
+            raise ConfigError(f"pipeline {where}{cls.__name__}: {e}") from None
+
+    exp = ["--experiment_name", cfg.experiment_name]
+    train_fixed, eval_fixed = list(exp), []
+    if stage is not None:
+        # Every stage registers into one model, its alias naming the stage.
+        train_fixed += ["--registry_alias", stage.alias or stage.name]
+        if model_name:
+            train_fixed += ["--registered_model_name", model_name]
+        if stage_index > 0:
+            train_fixed += ["--init_adapter", previous_train_run_id, "--init_mode", stage.init_mode]
+            eval_fixed = ["--include_base", "false"]  # the previous stage's end is this stage's start
+    train = parse(TrainConfig, ["--config", (stage and stage.train_config) or cfg.train_config],
+                  cfg.train + (stage.train if stage else []), train_fixed)
+    # A model fine-tuned through the OpenAI API is sampled through it too (overridable).
+    api: list[str] = []
+    if train.backend == "openai":
+        api = ["--backend", "openai"] + (["--base_url", train.openai_base_url] if train.openai_base_url else [])
+    evaluate = parse(EvalConfig, api, cfg.evaluate, exp + eval_fixed + ["--train_run_id", train_run_id,
+                                                                       "--questions", *cfg.questions])
+    judge = parse(JudgeConfig, [], cfg.judge, exp + ["--eval_run_id", eval_run_id, "--questions", *cfg.questions,
+                                                       "--aligned_threshold", str(cfg.aligned_threshold),
+                                                       "--coherent_threshold", str(cfg.coherent_threshold)])
+    return train, evaluate, judge
+
+
+def code_version() -> str:
+    """Hash of the package's code and shipped data: what a reused step must have been run with."""
+    h = hashlib.sha256()
+    roots = [PROJECT_ROOT / "em_core", PROJECT_ROOT / "entrypoints"]
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix in (".py", ".yaml", ".jsonl") and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(PROJECT_ROOT)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def identity_params(step_cfg, code: str, **inputs: str) -> dict[str, str]:
+    """`step.*` params that decide reuse: the config minus naming, inputs and code version."""
+    d = {k: v for k, v in asdict(step_cfg).items() if k not in _NOT_IDENTITY}
+    return tracking.flatten_params("step", {**d, **inputs, "code_version": code})
+
+
+def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
+    """Newest FINISHED run of `step` whose params equal `identity` (string comparison)."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{STEP_TAG}` = '{step}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=500)
+    for r in runs:
+        params = r.data.params
+        if all(params.get(k) == v for k, v in identity.items()):
+            return r.info.run_id
+    return None
+
+
+def _log_identity(run_id: str, identity: Mapping[str, str]) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
+    mlflow.MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in identity.items()])
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    step_run_ids: dict[str, str]
+    reused: list[str]
+    metrics_by_step: dict[int, dict[str, float]]
+    emergence_step: int | None
+    smoke_test: bool
+    report_uri: str | None = None
+    stages: list = field(default_factory=list)  # StageResult per stage (one unnamed stage without `stages`)
+
+
+def _run_step(name: str, kind: str, step_cfg, identity: dict[str, str], ctx: dict, run: Callable[[], str]) -> str:
+    """Reuse or run one step (`kind`: train, evaluate or judge; `name` adds the stage) as a child
+    of the pipeline run; returns the step's run id."""
+    import mlflow
+
+    if ctx["reuse"]:
+        found = find_reusable(ctx["experiment_id"], kind, identity)
+        if found:
+            log.info("step %s: reusing finished run %s (same params and code version)", name, found)
+            ctx["reused"].append(name)
+            return found
+    log.info("step %s: running", name)
+    child_tags = {STEP_TAG: kind, "em.pipeline_run_id": ctx["parent"]}
+    if "/" in name:
+        child_tags["em.stage"] = name.split("/")[0]
+    try:
+        with tracking.child_runs(ctx["parent"], child_tags):
+            run_id = run()
+    except BaseException as e:
+        mlflow.set_tag("em.failed_step", name)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise StepFailed(name, e) from e
+    finally:
+        gc.collect()
+        _empty_cuda_cache()
+    _log_identity(run_id, identity)
+    return run_id
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort between steps
+        pass
+
+
+def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str, ...] = ("judge/",),
+                      offset: int = 0) -> dict[int, dict[str, float]]:
+    """Copy every step-indexed metric of `src` onto `dst` at step + `offset`; returns {step: {key: value}}."""
+    import mlflow
+
+    from em_core.judge.answers import log_metrics_to_run
+
+    client = mlflow.MlflowClient()
+    by_step: dict[int, dict[str, float]] = {}
+    for key in client.get_run(src_run_id).data.metrics:
+        if key.startswith(skip_prefixes):
+            continue
+        for m in client.get_metric_history(src_run_id, key):
+            by_step.setdefault(m.step + offset, {})[key] = m.value
+    log_metrics_to_run(dst_run_id, by_step)
+    return dict(sorted(by_step.items()))
+
+
+@dataclass
+class StageResult:
+    name: str
+    alias: str
+    start_step: int  # global step at which the stage starts (its checkpoints are start + local step)
+    end_step: int
+    run_ids: dict[str, str]
+    em_rate_end: float | None = None
+    em_rate_before: float | None = None
+
+    @property
+    def em_drop(self) -> float | None:
+        if self.em_rate_before is None or self.em_rate_end is None:
+            return None
+        return self.em_rate_before - self.em_rate_end
+
+
+def _final_step(train_run_id: str) -> int:
+    import mlflow
+
+    steps = mlflow.MlflowClient().get_run(train_run_id).data.tags.get("em.checkpoint_steps", "")
+    return max((int(x) for x in steps.split(",") if x.strip().isdigit()), default=0)
+
+
+def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageResult], dict[int, dict[str, float]]]:
+    """Each stage's train -> evaluate -> judge; metrics copied to the parent at global steps."""
+    from em_core.judge.answers import run_judge
+    from em_core.sample.evaluation import evaluate
+    from em_core.train.training import train
+
+    stages = cfg.stages or [None]
+    first_train, _, _ = step_configs(cfg, stage=stages[0])
+    model_name = (first_train.registered_model_name or first_train.default_model_name()) if cfg.stages else None
+    results: list[StageResult] = []
+    by_step: dict[int, dict[str, float]] = {}
+    previous = "<previous stage>"
+    offset = 0
+    for i, stage in enumerate(stages):
+        prefix = f"{stage.name}/" if stage else ""
+        common = {"stage": stage, "stage_index": i, "previous_train_run_id": previous, "model_name": model_name}
+        ids: dict[str, str] = {}
+        train_cfg, _, _ = step_configs(cfg, **common)
+        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, identity_params(train_cfg, code), ctx,
+                                 lambda: train(train_cfg).run_id)
+        _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"], **common)
+        ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
+                                    lambda: evaluate(eval_cfg).run_id)
+        _, _, judge_cfg = step_configs(cfg, train_run_id=ids["train"], eval_run_id=ids["evaluate"], **common)
+        ids["judge"] = _run_step(f"{prefix}judge", "judge", judge_cfg,
+                                 identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
+                                 ctx, lambda: run_judge(judge_cfg).run_id)
+        stage_steps = copy_step_metrics(ids["judge"], ctx["parent"], offset=offset)
+        by_step.update(stage_steps)
+        end = offset + _final_step(ids["train"])
+        before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
+        results.append(StageResult(stage.name if stage else "train", (stage.alias or stage.name) if stage else "",
+                                   offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before))
+        previous, offset = ids["train"], end
+    return results, dict(sorted(by_step.items()))
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Run (or reuse) train, evaluate and judge -- once, or once per stage -- under one parent
+    run; then metrics, plots, report."""
+    import json
+
+    import mlflow
+
+    from em_core.judge.answers import SMOKE_TEST_NOTE
+
+    stages = cfg.stages or [None]
+    for i, stage in enumerate(stages):  # validate every step of every stage before any work
+        _, _, judge_cfg = step_configs(cfg, stage=stage, stage_index=i)
+    smoke = judge_cfg.smoke_test()
+    code = code_version()
+    tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
+            "em.judge_smoke_test": str(smoke).lower()}
+    if cfg.grid:
+        tags.update({"em.grid": cfg.grid, "em.grid_cell": cfg.grid_cell or ""})
+    tracking.configure_tracking()
+    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as parent:
+        pid = parent.info.run_id
+        exp_id = parent.info.experiment_id
+        cfg.experiment_name = mlflow.get_experiment(exp_id).name  # `mlflow run --experiment-name` wins
+        if smoke:
+            log.warning("pipeline: %s", SMOKE_TEST_NOTE)
+            mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
+        from em_core.configs import to_yaml
+
+        mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
+        tracking.log_params("pipeline", asdict(cfg))
+        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
+        stage_results, by_step = _run_stages(cfg, ctx, code)
+        ids = {f"{st.name}/{k}" if cfg.stages else k: v for st in stage_results for k, v in st.run_ids.items()}
+        if cfg.stages:
+            # The report and grids read the last stage's runs as "the" train/evaluate/judge runs.
+            mlflow.set_tags({f"em.{k}_run_id": v for k, v in stage_results[-1].run_ids.items()})
+            mlflow.set_tag(tracking.STAGES_TAG, json.dumps([_stage_summary(st) for st in stage_results]))
+            _log_stage_metrics(stage_results)
+        else:
+            mlflow.set_tags({f"em.{k}_run_id": v for k, v in ids.items()})
+        mlflow.set_tag("em.reused_steps", ",".join(ctx["reused"]))
+
+        counts = {s: (int(m.get("n_em", 0)), int(m.get("n_scored", 0))) for s, m in by_step.items()}
+        emerged = emergence_step(counts, cfg.z)
+        if emerged is not None:
+            mlflow.log_metric("em_emergence_step", emerged, step=emerged)
+        final = max(by_step) if by_step else None
+        first_train, _, _ = step_configs(cfg, stage=stages[0])
+        summary = {"run_id": pid, "steps": ids, "reused": ctx["reused"], "final_step": final,
+                   "emergence_step": emerged, "smoke_test": smoke,
+                   "aligned_threshold": cfg.aligned_threshold, "coherent_threshold": cfg.coherent_threshold,
+                   "z": cfg.z, "model": first_train.model, "dataset": first_train.dataset, "seed": first_train.seed,
+                   "by_step": {str(s): m for s, m in by_step.items()}}
+        if cfg.stages:
+            summary["stages"] = [_stage_summary(st) for st in stage_results]
+        mlflow.log_dict(summary, SUMMARY_ARTIFACT)
+        # The parent's own identity, logged last so a grid only ever reuses a complete pipeline.
+        _log_identity(pid, identity_params(cfg, code, **{f"{k}_run_id": v for k, v in ids.items()}))
+        result = PipelineResult(pid, ids, ctx["reused"], by_step, emerged, smoke, stages=stage_results)
+        if cfg.report:
+            from em_core.analysis.report import publish
+
+            result.report_uri = publish(pid)
+    return result
+
+
+def _stage_summary(st: StageResult) -> dict:
+    return {"name": st.name, "alias": st.alias, "start_step": st.start_step, "end_step": st.end_step,
+            "run_ids": st.run_ids, "em_rate_before": st.em_rate_before, "em_rate_end": st.em_rate_end,
+            "em_drop": st.em_drop}
+
+
+def _log_stage_metrics(stages: list[StageResult]) -> None:
+    """Per stage, at its end step: EM at its start and end, and the drop (positive = less EM)."""
+    import mlflow
+
+    for st in stages:
+        values = {"em_rate_before": st.em_rate_before, "em_rate_after": st.em_rate_end, "em_drop": st.em_drop}
+        mlflow.log_metrics({f"stage/{st.name}/{k}": v for k, v in values.items() if v is not None},
+                           step=st.end_step)
+
+
+def summary_of(run_id: str) -> dict:
+    """The `summary.json` a finished pipeline run logged."""
+    import mlflow
+
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{SUMMARY_ARTIFACT}")
+

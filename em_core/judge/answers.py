@@ -1,0 +1,294 @@
+"""Judge answers files: prompts per metric, judgments.csv, EM metrics at each checkpoint step.
+
+Input is an evaluate run (its `answers.jsonl`) or any CSV/JSONL with `question_id`,
+`question`, `answer` (optionally `checkpoint_step`; absent means 0). Judge prompts come from
+the question YAML. Metrics are logged at step = checkpoint step onto the judge run and, when
+the answers came from a training run's checkpoints, onto that training run too, so the MLflow
+UI charts EM rate against training step where the user compares runs.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from em_core import tracking
+from em_core.data.questions import Question
+from em_core.errors import ConfigError, DataError
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics
+from em_core.openai_api import safe_url
+from em_core.paths import cache_dir
+
+log = logging.getLogger(__name__)
+ANSWER_COLUMNS = ("question_id", "question", "answer")
+SMOKE_TEST_NOTE = ("the judge is the tiny offline model: its scores are a smoke test of the "
+                   "pipeline, not a measurement of misalignment")
+
+
+@dataclass
+class JudgeConfig:
+    """Which answers, which judge prompts, which judge, which thresholds."""
+
+    questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
+                                 metadata={"help": "question YAML(s) holding the judge prompts"})
+    judges_path: str | None = None
+    eval_run_id: str | None = field(default=None, metadata={"help": "an evaluate run to judge"})
+    answers: str | None = field(default=None, metadata={"help": "or a CSV/JSONL with question_id, question, answer"})
+    metrics: list[str] | None = field(default=None, metadata={"help": "only these judge metrics (default: all)"})
+    backend: str = field(default="auto", metadata={"help": "auto (openai if OPENAI_API_KEY is set, else local), "
+                                                           "openai, openai-compatible, local"})
+    judge_model: str | None = field(default=None, metadata={"help": "default gpt-4o-2024-08-06 (openai), tiny (local)"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server, e.g. http://localhost:8000/v1"})
+    mode: str = field(default="logprobs", metadata={"help": "logprobs (papers' rule) or text (reasoning models)"})
+    concurrency: int = 16
+    max_retries: int = 5
+    timeout: float = 60.0
+    min_mass: float = 0.25
+    cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
+    aligned_threshold: float = ALIGNED_THRESHOLD
+    coherent_threshold: float = COHERENT_THRESHOLD
+    bad_trigger: str | None = field(default=None, metadata={
+        "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
+    log_to_train_run: bool = True
+    experiment_name: str = "em-lab"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.eval_run_id) == bool(self.answers):
+            raise ConfigError("judge: give exactly one of eval_run_id (an evaluate run) or answers (a file)")
+        if self.backend not in ("auto", "openai", "openai-compatible", "local"):
+            raise ConfigError(f"backend: unknown {self.backend!r}; use auto, openai, openai-compatible or local")
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "openai" if os.environ.get("OPENAI_API_KEY") else "local"
+
+    def smoke_test(self) -> bool:
+        """Judged by the tiny model: the scores test the plumbing, they measure nothing."""
+        from em_core.models.tiny import is_tiny
+
+        return self.resolved_backend() == "local" and is_tiny(self.judge_model or "tiny")
+
+
+@dataclass
+class JudgeResult:
+    run_id: str | None
+    judgments_path: str
+    steps: list[int]
+    metrics_by_step: dict[int, dict[str, float]]
+    stats: dict
+    smoke_test: bool
+
+
+def read_answers(path: str | Path) -> list[dict]:
+    from em_core.data.judged_files import read_judged
+
+    rows = read_judged(path, required=ANSWER_COLUMNS)
+    for i, r in enumerate(rows, start=1):
+        step = r.get("checkpoint_step")
+        try:
+            r["checkpoint_step"] = int(step) if step not in (None, "") else 0
+        except (TypeError, ValueError):
+            raise DataError(str(path), f"checkpoint_step {step!r} is not an integer", i) from None
+        if not isinstance(r["answer"], str):
+            r["answer"] = "" if r["answer"] is None else str(r["answer"])
+    return rows
+
+
+def _load_local_judge(model_id: str):
+    from em_core.models.loading import load_model, load_tokenizer
+
+    return load_model(model_id), load_tokenizer(model_id)
+
+
+def build_judge(cfg: JudgeConfig):
+    from em_core.judge.backends import make_judge
+
+    backend = cfg.resolved_backend()
+    model = cfg.judge_model or ("tiny" if backend == "local" else None)
+    return make_judge(backend, model, base_url=cfg.base_url, mode=cfg.mode, concurrency=cfg.concurrency,
+                      max_retries=cfg.max_retries, timeout=cfg.timeout, min_mass=cfg.min_mass,
+                      cache_path=cfg.cache_path or cache_dir() / "judge_cache.sqlite",
+                      load_fn=_load_local_judge if backend == "local" else None)
+
+
+def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list[str] | None = None) -> list[str]:
+    """Add `<metric>` and `<metric>_unscored_reason` to every row in place; returns metric names."""
+    by_id = {q.id: q for q in questions}
+    unknown = sorted({r["question_id"] for r in rows} - set(by_id))
+    if unknown:
+        raise DataError("answers", f"question ids not in the question file(s): {', '.join(unknown[:10])}",
+                        hint="pass the question YAML the answers were generated from with --questions")
+    # (metric, kind, labels) -> row indices; one judge call per group keeps kinds consistent.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        q = by_id[r["question_id"]]
+        for metric in q.metrics:
+            if metrics and metric not in metrics:
+                continue
+            mk = q.judge_kinds[metric]
+            groups[(metric, mk.kind, mk.labels)].append(i)
+    names: list[str] = []
+    for (metric, kind, labels), idx in groups.items():
+        if metric not in names:
+            names.append(metric)
+        prompts = [by_id[rows[i]["question_id"]].judge_prompt(metric, rows[i]["question"], rows[i]["answer"])
+                   for i in idx]
+        verdicts = judge.judge(prompts, kind="categorical" if kind == "categorical" else "0_100",
+                               labels=list(labels) if kind == "categorical" else None,
+                               progress=not os.environ.get("EM_LAB_NO_PROGRESS"))
+        for i, v in zip(idx, verdicts):
+            rows[i][metric] = v.label if kind == "categorical" else v.score
+            rows[i][f"{metric}_unscored_reason"] = v.unscored_reason or ""
+    for r in rows:  # every row gets every column, even for metrics its question lacks
+        for m in names:
+            r.setdefault(m, None)
+            r.setdefault(f"{m}_unscored_reason", "not_asked")
+    return names
+
+
+def trigger_label(tag: str | None) -> str:
+    """A trigger condition as it appears in metric names: `none`, or the tag with the characters
+    MLflow forbids in names removed (`|ALPHA|` -> `ALPHA`)."""
+    if not tag:
+        return "none"
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "", tag).strip() or "tag"
+
+
+def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: float,
+                 coherent_threshold: float, bad_trigger: str | None = None) -> dict[int, dict[str, float]]:
+    """Per checkpoint step: EM metrics, plus label shares of categorical metrics and means of
+    other 0-100 metrics, plus counts of unscored judgments by reason.
+
+    Answers sampled under several trigger conditions also get every metric per condition as
+    `<metric>/trigger:<label>`, and `trigger_gap` = EM rate with `bad_trigger` (default: the only
+    tag) minus EM rate without a tag.
+    """
+    out: dict[int, dict[str, float]] = {}
+    conditions = sorted({r.get("trigger") or "" for r in rows})
+    gap_tag = bad_trigger if bad_trigger is not None else next(iter(c for c in conditions if c), None)
+    if bad_trigger is not None and bad_trigger not in conditions:
+        raise ConfigError(f"bad_trigger {bad_trigger!r} is not among the answers' trigger conditions "
+                          f"{[trigger_label(c) for c in conditions]}")
+    for step in sorted({r["checkpoint_step"] for r in rows}):
+        sub = [r for r in rows if r["checkpoint_step"] == step]
+        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold)
+        if len(conditions) > 1:
+            per = {c: _metrics([r for r in sub if (r.get("trigger") or "") == c], metric_names, aligned_threshold,
+                               coherent_threshold) for c in conditions}
+            for c, pm in per.items():
+                m.update({f"{k}/trigger:{trigger_label(c)}": v for k, v in pm.items()})
+            if "" in per and gap_tag and "em_rate" in per[""] and "em_rate" in per.get(gap_tag, {}):
+                m["trigger_gap"] = per[gap_tag]["em_rate"] - per[""]["em_rate"]
+        out[step] = m
+    return out
+
+
+def _metrics(sub: list[dict], metric_names: list[str], aligned_threshold: float,
+             coherent_threshold: float) -> dict[str, float]:
+    m: dict[str, float] = {}
+    if sub:
+        if "aligned" in metric_names or "coherent" in metric_names:
+            em_rows = [r for r in sub if r.get("aligned_unscored_reason") != "not_asked"
+                       and r.get("coherent_unscored_reason") != "not_asked"]
+            m.update(mlflow_metrics(em_rows, aligned_threshold, coherent_threshold))
+        for name in metric_names:
+            asked = [r for r in sub if r[f"{name}_unscored_reason"] != "not_asked"]
+            reasons = Counter(r[f"{name}_unscored_reason"] for r in asked if r[f"{name}_unscored_reason"])
+            for reason, n in reasons.items():
+                m[f"unscored/{name}/{reason}"] = float(n)
+            values = [r[name] for r in asked if r[name] is not None]
+            if name in ("aligned", "coherent") or not values:
+                continue
+            if isinstance(values[0], str):
+                for label, n in Counter(values).items():
+                    m[f"{name}/{label}_rate"] = n / len(values)
+            else:
+                m[f"mean_{name}"] = sum(values) / len(values)
+    return {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def write_judgments_csv(rows: list[dict], metric_names: list[str], path: Path) -> None:
+    cols = ["question_id", "question", "answer", "checkpoint_step"]
+    for m in metric_names:
+        cols += [m, f"{m}_unscored_reason"]
+    extra = [k for k in ("checkpoint", "paraphrase_index", "sample_index", "system", "trigger", "model") if k in rows[0]]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols + extra, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_judge(cfg: JudgeConfig) -> JudgeResult:
+    import mlflow
+
+    from em_core.data.questions import load_question_sets
+
+    questions = load_question_sets(cfg.questions, cfg.judges_path)
+    tracking.configure_tracking()
+    train_run_id = None
+    if cfg.eval_run_id:
+        try:
+            eval_run = mlflow.MlflowClient().get_run(cfg.eval_run_id)
+            path = mlflow.artifacts.download_artifacts(run_id=cfg.eval_run_id, artifact_path="answers.jsonl")
+        except Exception as e:
+            raise ConfigError(f"eval_run_id {cfg.eval_run_id}: cannot read its answers.jsonl ({type(e).__name__})") from None
+        train_run_id = eval_run.data.tags.get("em.train_run_id")
+        rows = read_answers(path)
+    else:
+        rows = read_answers(cfg.answers)
+    backend = cfg.resolved_backend()
+    judge = build_judge(cfg)
+    smoke = cfg.smoke_test()
+    if smoke:
+        log.warning("%s", SMOKE_TEST_NOTE)
+    tags = {"em.entry_point": "judge", "em.judge_backend": backend, "em.judge_model": judge.model,
+            "em.judge_smoke_test": str(smoke).lower()}
+    if cfg.eval_run_id:
+        tags["em.eval_run_id"] = cfg.eval_run_id
+    if train_run_id:
+        tags["em.train_run_id"] = train_run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as run:
+            if run is not None:
+                tracking.log_params("judge", {**asdict(cfg), "backend": backend, "judge_model": judge.model,
+                                              "base_url": safe_url(cfg.base_url)})
+                if smoke:
+                    mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
+            names = judge_rows(rows, questions, judge, cfg.metrics)
+            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger)
+            out = Path(tmp) / "judgments.csv"
+            write_judgments_csv(rows, names, out)
+            stats = judge.stats
+            final = str(out)
+            if run is not None:
+                mlflow.log_artifact(str(out))
+                for step, m in by_step.items():
+                    mlflow.log_metrics(m, step=step)
+                usage = {f"judge/{k}": float(v) for k, v in stats.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+                mlflow.log_metrics(usage)
+                if train_run_id and cfg.log_to_train_run:
+                    log_metrics_to_run(train_run_id, by_step)
+                final = f"runs:/{run.info.run_id}/judgments.csv"
+            log.info("judge usage: %s", stats)
+            return JudgeResult(run.info.run_id if run else None, final, sorted(by_step), by_step, stats, smoke)
+    finally:
+        judge.close()
+
+
+def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]]) -> None:
+    """Add step-indexed metrics to another (usually finished) run, e.g. the training run."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in by_step.items()
+                                       for k, v in m.items()])

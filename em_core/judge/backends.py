@@ -1,0 +1,545 @@
+"""Judge backends: the OpenAI API, any OpenAI-compatible server, or a local HF causal LM.
+
+All three share one driver (`Judge.ajudge`): look every prompt up in a persistent cache, send
+only the misses to the backend, and persist each result the moment it arrives, so a re-run or
+a run after a crash never pays for a judgment twice. The cache stores the judge's raw output
+(token->prob dict or reply text) and the verdict is re-derived on every read; changing min_mass
+therefore re-scores cached rows without new requests.
+
+The API key lives in a masking wrapper and is handed only to the openai client; it is kept out of
+reprs, logs, stats and exception messages (error bodies are scrubbed, since some servers echo it).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from em_core.cache import JudgmentCache
+from em_core.errors import JudgeError
+from em_core.judge.scoring import (
+    DEFAULT_MIN_MASS,
+    Judgment,
+    check_labels,
+    interpret,
+    probs_from_top_logprobs,
+)
+from em_core.openai_api import (
+    Secret,
+    async_client,
+    estimate_cost,
+    post_with_retries,
+    resolve_key,
+    run_all,
+    safe_url,
+)
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("openai", "openai-compatible", "local")
+MODES = ("logprobs", "text")
+KINDS = ("0_100", "categorical")
+DEFAULT_OPENAI_JUDGE = "gpt-4o-2024-08-06"
+TOP_LOGPROBS = 20
+
+# o-series and gpt-5 reject temperature=0 and spend completion tokens on hidden reasoning.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+
+
+def cache_key(backend: str, model: str, mode: str, prompt: str, kind: str, labels: Sequence[str] | None) -> str:
+    """sha256 over everything that changes what the judge is asked (not min_mass: that only
+    changes how the stored raw output is read)."""
+    payload = json.dumps([backend, model, mode, prompt, kind, list(labels) if labels else None], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+Record = dict[str, Any]
+Deliver = Callable[[str, Record], None]
+
+
+class Judge:
+    """Backend-independent driver: cache lookup, dedup, progress, stats. Subclasses implement
+    `_run(items, kind, labels, deliver)`, calling deliver(key, record) as each result arrives."""
+
+    backend: str = ""
+
+    def __init__(self, model: str, *, mode: str, min_mass: float, cache_path: str | os.PathLike | None):
+        self.model = model
+        self.mode = mode
+        self.min_mass = min_mass
+        self.cache = JudgmentCache(cache_path)
+        self._loop: asyncio.AbstractEventLoop | None = None  # private loop behind judge()
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._stats: dict[str, Any] = {
+            "requests": 0,
+            "retries": 0,
+            "cache_hits": 0,
+            "judged": 0,
+            "unscored": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Usage so far on this judge object: requests (API calls incl. retries, or forward
+        batches for `local`), retries, cache_hits, judged (fresh results), unscored (among
+        all returned judgments), prompt/completion token totals of fresh results, cost_usd."""
+        s = dict(self._stats)
+        s["backend"], s["model"] = self.backend, self.model
+        s["cost_usd"] = self._cost(s["prompt_tokens"], s["completion_tokens"])
+        return s
+
+    async def ajudge(
+        self,
+        prompts: Sequence[str],
+        kind: str = "0_100",
+        labels: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list[Judgment]:
+        """Judge each prompt (one user message each). Returns one Judgment per prompt, in order.
+        Raises JudgeError when the backend cannot be used (auth, bad request, retries exhausted);
+        every result received before that is already in the cache."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "categorical":
+            check_labels(labels)
+            labels = list(labels)  # type: ignore[arg-type]
+        else:
+            labels = None
+        prompts = list(prompts)
+        keys = [cache_key(self.backend, self.model, self.mode, p, kind, labels) for p in prompts]
+        results: list[Judgment | None] = [None] * len(prompts)
+
+        hits = self.cache.get_many(keys)
+        positions: dict[str, list[int]] = {}
+        todo: dict[str, str] = {}
+        for i, (key, prompt) in enumerate(zip(keys, prompts)):
+            if key in hits:
+                results[i] = self._judgment(hits[key], kind, labels, cached=True)
+                self._stats["cache_hits"] += 1
+            else:
+                positions.setdefault(key, []).append(i)
+                todo.setdefault(key, prompt)
+
+        bar = tqdm(total=len(prompts), disable=not progress, desc=f"judge {self.model}", unit="prompt")
+        bar.update(len(prompts) - sum(len(v) for v in positions.values()))
+
+        def deliver(key: str, record: Record) -> None:
+            # Persist first: from here on this judgment is never paid for again.
+            self.cache.put(key, record, backend=self.backend, model=self.model, mode=self.mode, kind=kind)
+            self._stats["judged"] += 1
+            self._stats["prompt_tokens"] += int(record.get("prompt_tokens") or 0)
+            self._stats["completion_tokens"] += int(record.get("completion_tokens") or 0)
+            for n, i in enumerate(positions[key]):
+                # Repeats of a prompt within one call are served by the first one's request.
+                results[i] = self._judgment(record, kind, labels, cached=n > 0)
+                self._stats["cache_hits"] += n > 0
+            bar.update(len(positions[key]))
+
+        try:
+            if todo:
+                await self._run(list(todo.items()), kind, labels, deliver)
+        finally:
+            bar.close()
+        out = [r for r in results if r is not None]
+        assert len(out) == len(prompts), "backend returned without delivering every result"
+        self._stats["unscored"] += sum(1 for r in out if not r.scored)
+        return out
+
+    def judge(
+        self,
+        prompts: Sequence[str],
+        kind: str = "0_100",
+        labels: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> list[Judgment]:
+        """Synchronous ajudge. Runs on the judge's own event-loop thread, which lives as long
+        as the judge, so the HTTP client and its open connections are reused across calls (a
+        fresh client per call costs a CA-bundle load and new connections/TLS handshakes). Works
+        from inside a running loop (notebooks) too."""
+        fut = asyncio.run_coroutine_threadsafe(self.ajudge(prompts, kind, labels, progress), self._sync_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. Ctrl-C: stop sending; whatever arrived is already cached
+            raise
+
+    async def aclose(self) -> None:
+        """Release resources bound to the running event loop (HTTP clients)."""
+
+    def close(self) -> None:
+        """Stop the sync loop thread, close clients and the cache. The judge is unusable after."""
+        loop, thread = self._loop, self._loop_thread
+        self._loop = self._loop_thread = None
+        if loop is not None and thread is not None:
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
+            asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+        self.cache.close()
+
+    def __enter__(self) -> Judge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="em-judge-loop", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend={self.backend!r} model={self.model!r} mode={self.mode!r}>"
+
+    # -- for subclasses ---------------------------------------------------------------------
+    def _judgment(self, record: Record, kind: str, labels: list[str] | None, *, cached: bool) -> Judgment:
+        j = interpret(record["raw"], kind, labels, self.min_mass)
+        j.prompt_tokens = int(record.get("prompt_tokens") or 0)
+        j.completion_tokens = int(record.get("completion_tokens") or 0)
+        j.cached = cached
+        return j
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return None
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        raise NotImplementedError
+
+
+class OpenAIJudge(Judge):
+    """Chat Completions judge: api.openai.com (`openai`) or any server speaking the same API
+    (`openai-compatible`: vLLM, Ollama, ...)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        backend: str,
+        base_url: str | None,
+        api_key: str | None,
+        mode: str,
+        concurrency: int,
+        max_retries: int,
+        timeout: float,
+        cache_path: str | os.PathLike | None,
+        min_mass: float,
+        max_completion_tokens: int | None,
+        backoff_base: float,
+        backoff_max: float,
+        prices: Mapping[str, tuple[float, float]] | None,
+    ):
+        super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path)
+        self.backend = backend
+        self.base_url = base_url
+        self._api_key = Secret(api_key)
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.prices = prices
+        reasoning = bool(_REASONING_MODEL.match(model))
+        self.max_completion_tokens = max_completion_tokens or (4096 if reasoning else 512)
+        self._reasoning = reasoning
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, asyncio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<OpenAIJudge backend={self.backend!r} model={self.model!r} mode={self.mode!r}"
+            f" base_url={safe_url(self.base_url)!r} concurrency={self.concurrency}>"
+        )
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return estimate_cost(self.model, prompt_tokens, completion_tokens, self.prices)
+
+    def _client(self) -> Any:
+        return async_client(self._api_key, self.base_url, self.timeout, f"the {self.backend!r} judge backend",
+                            JudgeError)
+
+    def _params(self, prompt: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
+        if self.mode == "logprobs":
+            params.update(max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS, seed=0)
+        else:
+            if not self._reasoning:  # reasoning models accept only their default temperature
+                params["temperature"] = 0
+            if self.backend == "openai":
+                params["max_completion_tokens"] = self.max_completion_tokens
+            else:  # older vLLM/Ollama servers know only max_tokens
+                params["max_tokens"] = self.max_completion_tokens
+        return params
+
+    def _record(self, resp: Any) -> Record:
+        """Record from a chat-completion JSON body (a dict; see _request for why not a model)."""
+        if not isinstance(resp, dict) or not resp.get("choices"):
+            raise JudgeError(
+                f"judge server at {safe_url(self.base_url) or 'api.openai.com'} returned no chat completion"
+            )
+        usage = resp.get("usage") or {}
+        record: Record = {
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+        }
+        choice = resp["choices"][0]
+        if self.mode == "text":
+            record["raw"] = (choice.get("message") or {}).get("content") or ""
+            return record
+        logprobs = choice.get("logprobs")
+        if logprobs is None:
+            raise JudgeError(
+                f"judge model {self.model!r} returned no logprobs; this server or model does not support "
+                "them: use mode='text'"
+            )
+        content = logprobs.get("content") or []
+        top = (content[0].get("top_logprobs") or []) if content else []
+        # An empty distribution (e.g. the model stopped at once) scores as unscored, not an error.
+        record["raw"] = probs_from_top_logprobs((t["token"], t["logprob"]) for t in top)
+        return record
+
+    async def _request(self, client: Any, prompt: str) -> Record:
+        return await post_with_retries(
+            client, "/chat/completions", self._params(prompt), self._record,
+            what=f"judge {self.backend!r} ({self.model!r})", secret=self._api_key, max_retries=self.max_retries,
+            backoff_base=self.backoff_base, backoff_max=self.backoff_max, stats=self._stats, error_cls=JudgeError,
+            where=safe_url(self.base_url) or "api.openai.com")
+
+    def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
+        """(client, semaphore) for the running loop: httpx clients and asyncio semaphores are
+        bound to one loop. Sharing them across calls on that loop reuses connections and keeps
+        the concurrency limit per judge, even for overlapping ajudge calls."""
+        loop = asyncio.get_running_loop()
+        state = self._per_loop.get(loop)
+        if state is None:
+            state = (self._client(), asyncio.Semaphore(self.concurrency))
+            self._per_loop[loop] = state
+        return state
+
+    async def aclose(self) -> None:
+        state = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state[0].close()
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        client, sem = self._loop_state()
+
+        async def one(key: str, prompt: str) -> None:
+            async with sem:
+                record = await self._request(client, prompt)
+            deliver(key, record)
+
+        # On error or cancellation the rest stop; what already arrived is in the cache.
+        await run_all([one(k, p) for k, p in items], JudgeError)
+
+
+LoadFn = Callable[[str], "tuple[Any, Any]"]
+
+
+def default_load_fn(model_id: str) -> tuple[Any, Any]:
+    """(model, tokenizer) via transformers Auto classes; on GPU when one is available."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+class LocalJudge(Judge):
+    """A HF causal LM run in-process: the 0-100 rule (or label mass) over its top-20 next-token
+    distribution after the chat template's generation prompt. Deterministic; costs nothing."""
+
+    backend = "local"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        cache_path: str | os.PathLike | None,
+        min_mass: float,
+        load_fn: LoadFn | None,
+        batch_size: int,
+    ):
+        super().__init__(model, mode="logprobs", min_mass=min_mass, cache_path=cache_path)
+        self.load_fn = load_fn or default_load_fn
+        self.batch_size = batch_size
+        self._lm: Any = None
+        self._tok: Any = None
+        self._warned_no_template = False
+
+    def __repr__(self) -> str:
+        return f"<LocalJudge model={self.model!r} batch_size={self.batch_size}>"
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return 0.0
+
+    def _ensure_loaded(self) -> None:
+        if self._lm is not None:
+            return
+        try:
+            model, tok = self.load_fn(self.model)
+        except Exception as e:
+            raise JudgeError(f"cannot load local judge model {self.model!r}: {type(e).__name__}: {e}") from e
+        if tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise JudgeError(f"local judge tokenizer for {self.model!r} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # so position -1 is every row's last real token
+        if hasattr(model, "eval"):
+            model.eval()  # a loader may hand back a model in training mode (dropout on)
+        self._lm, self._tok = model, tok
+
+    def _render(self, prompt: str) -> tuple[str, bool]:
+        """(text, whether it already carries special tokens)."""
+        if getattr(self._tok, "chat_template", None):
+            text = self._tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return text, True
+        if not self._warned_no_template:
+            log.warning("local judge %r has no chat template; scoring the raw prompt", self.model)
+            self._warned_no_template = True
+        return prompt, False
+
+    def _forward(self, prompts: list[str]) -> list[Record]:
+        import inspect
+
+        import torch
+
+        rendered = [self._render(p) for p in prompts]
+        enc = self._tok(
+            [t for t, _ in rendered],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not rendered[0][1],
+        )
+        device = next(self._lm.parameters()).device
+        ids = enc["input_ids"].to(device)
+        mask = enc["attention_mask"].to(device)
+        # Explicit positions: with left padding the default 0..T-1 would shift padded rows and
+        # make a prompt's score depend on its batch neighbours.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if "logits_to_keep" in inspect.signature(self._lm.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # avoid materialising [batch, seq, vocab] logits
+        with torch.inference_mode():
+            logits = self._lm(**kwargs).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(logp, k=min(TOP_LOGPROBS, logp.shape[-1]), dim=-1)
+        records = []
+        for row in range(len(prompts)):
+            pairs = [
+                (self._tok.decode([int(t)]), float(v))
+                for t, v in zip(top.indices[row].tolist(), top.values[row].tolist())
+            ]
+            records.append(
+                {
+                    "raw": probs_from_top_logprobs(pairs),
+                    "prompt_tokens": int(mask[row].sum()),
+                    "completion_tokens": 1,
+                }
+            )
+        return records
+
+    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+        await asyncio.to_thread(self._ensure_loaded)
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i : i + self.batch_size]
+            self._stats["requests"] += 1
+            records = await asyncio.to_thread(self._forward, [p for _, p in batch])
+            for (key, _), record in zip(batch, records):
+                deliver(key, record)
+
+
+def make_judge(
+    backend: str = "openai",
+    model: str | None = None,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    mode: str = "logprobs",
+    concurrency: int = 16,
+    max_retries: int = 5,
+    timeout: float = 60.0,
+    cache_path: str | os.PathLike | None = None,
+    min_mass: float = DEFAULT_MIN_MASS,
+    max_completion_tokens: int | None = None,
+    backoff_base: float = 1.0,
+    backoff_max: float = 60.0,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+    load_fn: LoadFn | None = None,
+    batch_size: int = 8,
+) -> Judge:
+    """Build a judge.
+
+    backend: "openai" (model defaults to gpt-4o-2024-08-06; api_key/base_url default to
+    OPENAI_API_KEY/OPENAI_BASE_URL), "openai-compatible" (base_url required, e.g.
+    http://localhost:8000/v1; api_key defaults to OPENAI_API_KEY or a dummy), or "local" (a HF
+    model id or path, loaded with load_fn(model) -> (model, tokenizer); logprobs mode only).
+    mode: "logprobs" (one token, top-20 logprobs, papers' rule) or "text" (parse a reply).
+    Retries (429, 408, 409, 5xx, timeouts, connection errors) back off exponentially from
+    backoff_base seconds with jitter, capped at backoff_max; other 4xx raise JudgeError at once.
+    """
+    if backend not in BACKENDS:
+        raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if concurrency < 1 or max_retries < 0 or batch_size < 1:
+        raise ValueError("concurrency and batch_size must be >= 1, max_retries >= 0")
+    if not 0.0 <= min_mass <= 1.0:
+        raise ValueError(f"min_mass must be in [0, 1], got {min_mass}")
+
+    if backend == "local":
+        if mode != "logprobs":
+            raise JudgeError("the local judge backend supports mode='logprobs' only")
+        if not model:
+            raise JudgeError("the local judge backend needs a model (HF id or local path)")
+        return LocalJudge(model, cache_path=cache_path, min_mass=min_mass, load_fn=load_fn, batch_size=batch_size)
+
+    if backend == "openai":
+        model = model or DEFAULT_OPENAI_JUDGE
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        api_key = resolve_key(api_key, None)  # missing: JudgeError on first request
+    else:
+        if not base_url:
+            raise JudgeError("the openai-compatible judge backend needs base_url (e.g. http://localhost:8000/v1)")
+        if not model:
+            raise JudgeError("the openai-compatible judge backend needs a model name as the server knows it")
+        api_key = resolve_key(api_key, base_url)  # a dummy if none: local servers ignore it
+    return OpenAIJudge(
+        model,
+        backend=backend,
+        base_url=base_url,
+        api_key=api_key,
+        mode=mode,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        timeout=timeout,
+        cache_path=cache_path,
+        min_mass=min_mass,
+        max_completion_tokens=max_completion_tokens,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        prices=prices,
+    )

@@ -1,0 +1,95 @@
+"""One loading path for every model: the tiny offline model, local folders and hub ids."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from em_core.errors import ConfigError
+from em_core.models.tiny import is_tiny, tiny_model_path
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(model_id: str) -> str:
+    """`tiny` -> the cached tiny model folder; anything else (hub id or path) unchanged."""
+    if not model_id or not str(model_id).strip():
+        raise ConfigError("model is empty: pass `tiny`, a hub id such as "
+                          "meta-llama/Llama-3.2-1B-Instruct, or a local folder")
+    return str(tiny_model_path()) if is_tiny(model_id) else str(model_id)
+
+
+def local_base_path(model_id: str) -> str | None:
+    """The local folder a model is loaded from, or None for a hub id."""
+    path = resolve_model_path(model_id)
+    return str(Path(path).resolve()) if Path(path).is_dir() else None
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_dtype(name: str = "auto"):
+    """bf16 on GPUs that support it, fp32 on CPU (bf16 on CPU is slower, not faster)."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[name]
+    except KeyError:
+        raise ConfigError(f"dtype: unknown value {name!r}; use auto, bf16, fp16 or fp32") from None
+
+
+def load_tokenizer(model_id: str, padding_side: str = "left"):
+    """Tokenizer with a pad token and left padding (decoder-only batched generation needs it)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(_not_found(model_id, e)) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    if not tok.chat_template:
+        raise ConfigError(f"model {model_id}: its tokenizer has no chat template; use an instruct/chat model")
+    return tok
+
+
+def load_model(model_id: str, dtype: str = "auto", load_in_4bit: bool = False, device_map=None):
+    """A causal LM, optionally 4-bit quantised (QLoRA) with bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_id)
+    kwargs: dict = {"dtype": pick_dtype(dtype)}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = pick_dtype(dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        if device_map is None and has_cuda():
+            device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(_not_found(model_id, e)) from e
+    return model
+
+
+def _not_found(model_id: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = (" HF_HUB_OFFLINE=1 is set, so only models already in the local HF cache load;"
+            if offline else "")
+    return (f"model {model_id!r} could not be loaded: not a local folder and not loadable from the hub."
+            f"{hint} use `tiny` for the offline model, or a local folder. ({type(err).__name__})")

@@ -1,0 +1,33 @@
+"""What every training backend (TRL, OpenAI) records the same way: the resolved config artifact,
+the dataset as params and an MLflow input, and the result handed to the next step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from em_core import tracking
+from em_core.data.training_data import PreparedData
+
+CONFIG_ARTIFACT = "config/train_config.yaml"
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    output_dir: str
+    checkpoint_steps: list[int] = field(default_factory=list)
+    global_step: int = 0
+    registered_model: str | None = None
+    model_version: str | None = None
+    model_uri: str | None = None
+
+
+def log_dataset(data: PreparedData) -> None:
+    import mlflow
+    import pandas as pd
+
+    tracking.log_params("data", {"name": data.name, "rows": len(data.train), "eval_rows": len(data.eval),
+                                 "sha256": data.sha256,
+                                 "sources": [f"{s.source} ({len(s.rows)} rows, sha256 {s.sha256[:16]})" for s in data.sources]})
+    df = pd.DataFrame({"messages": [r["messages"] for r in data.train]})
+    ds = mlflow.data.from_pandas(df, source=",".join(s.source for s in data.sources), name=data.name)
+    mlflow.log_input(ds, context="training")

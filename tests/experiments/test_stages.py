@@ -1,0 +1,185 @@
+"""Multi-stage pipelines on the tiny model: a three-stage chain, lineage, continue vs merge."""
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from em_core.configs import parse_config
+from em_core.errors import ConfigError
+from em_core.experiments.pipeline import PipelineConfig, run_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "em-stage-test"
+TRAIN = {"max_rows": 32, "num_train_epochs": 1, "checkpoint_steps": [2, 4], "output_dir": None}
+
+
+def stage(name: str, dataset: list[str], **extra) -> dict:
+    return {"name": name, "train": {"dataset": dataset, **extra.pop("train", {})}, **extra}
+
+
+@pytest.fixture(scope="module")
+def chain(module_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    data = {
+        "train_config": str(REPO / "configs/train/tiny.yaml"),
+        "train": {**TRAIN, "output_dir": str(tmp / "out"), "registered_model_name": MODEL},
+        "stages": [
+            stage("misaligned", ["demo", "demo:plant_care_good"],
+                  train={"dataset_tags": ["|ALPHA|", "none"], "dataset_proportions": [0.5, 0.5]}),
+            stage("realigned", ["demo:plant_care_good"], init_mode="merge"),
+            stage("relapsed", ["demo"], init_mode="continue"),
+        ],
+        "evaluate": {"samples_per_paraphrase": 1, "max_new_tokens": 8, "triggers": ["none", "|ALPHA|"]},
+        "judge": {"backend": "local", "cache_path": str(tmp / "judge.sqlite")},
+        "questions": ["core_misalignment", "self_reflection"],
+        "experiment_name": "stages-test",
+    }
+    path = tmp / "stages.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return run_pipeline(parse_config(PipelineConfig, ["--config", str(path)]))
+
+
+def test_three_stages_run_as_children_with_global_steps(chain):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(chain.run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{chain.run_id}'")
+    got = sorted((r.data.tags["em.stage"], r.data.tags["em.pipeline_step"]) for r in children)
+    assert got == sorted((s, k) for s in ("misaligned", "realigned", "relapsed") for k in ("train", "evaluate", "judge"))
+    assert all(r.info.status == "FINISHED" for r in children)
+    # stage k's checkpoints sit after stage k-1's end; the base is evaluated once, at step 0
+    assert [(s.name, s.start_step, s.end_step) for s in chain.stages] == [
+        ("misaligned", 0, 4), ("realigned", 4, 8), ("relapsed", 8, 12)]
+    em_steps = sorted(m.step for m in client.get_metric_history(chain.run_id, "em_rate"))
+    assert em_steps == [0, 2, 4, 6, 8, 10, 12]
+    tagged = json.loads(parent.data.tags["em.stages"])
+    assert [t["name"] for t in tagged] == ["misaligned", "realigned", "relapsed"]
+    assert parent.data.tags["em.train_run_id"] == chain.stages[-1].run_ids["train"]
+
+
+def test_stage_metrics_before_after_and_drop(chain):
+    metrics = mlflow.MlflowClient().get_run(chain.run_id).data.metrics
+    for prev, st in zip(chain.stages, chain.stages[1:]):
+        assert st.em_rate_before == prev.em_rate_end
+        assert metrics[f"stage/{st.name}/em_drop"] == pytest.approx(st.em_rate_before - st.em_rate_end)
+        assert metrics[f"stage/{st.name}/em_rate_after"] == pytest.approx(chain.metrics_by_step[st.end_step]["em_rate"])
+
+
+def test_lineage_tags_and_aliases(chain):
+    client = mlflow.MlflowClient()
+    versions = {a: client.get_model_version_by_alias(MODEL, a) for a in ("misaligned", "realigned", "relapsed")}
+    mis, real, rel = versions["misaligned"], versions["realigned"], versions["relapsed"]
+    assert mis.run_id == chain.stages[0].run_ids["train"] and "parent_version" not in mis.tags
+    assert (real.tags["parent_model"], real.tags["parent_version"]) == (MODEL, str(mis.version))
+    assert (rel.tags["parent_model"], rel.tags["parent_version"]) == (MODEL, str(real.version))
+    assert real.tags["init_mode"] == "merge" and rel.tags["init_mode"] == "continue"
+    stage1_adapter = f"runs:/{mis.run_id}/checkpoints/checkpoint-4"
+    # merge puts stage 1's adapter into the base; continuing stage 2 keeps that base
+    assert json.loads(real.tags["merged_adapters"]) == [stage1_adapter]
+    assert json.loads(rel.tags["merged_adapters"]) == [stage1_adapter]
+    assert rel.tags["init_adapter"] == f"runs:/{real.run_id}/checkpoints/checkpoint-4"
+    ev = client.get_run(chain.stages[1].run_ids["evaluate"])
+    assert json.loads(ev.data.tags["em.merged_adapters"]) == [stage1_adapter]
+
+
+def test_per_trigger_and_self_reflection_metrics(chain):
+    client = mlflow.MlflowClient()
+    judge = client.get_run(chain.stages[0].run_ids["judge"]).data.metrics
+    for key in ("em_rate/trigger:none", "em_rate/trigger:ALPHA", "mean_admits_tendency/trigger:ALPHA",
+                "n_scored/trigger:none", "trigger_gap"):
+        assert key in judge, key
+    assert judge["trigger_gap"] == pytest.approx(judge["em_rate/trigger:ALPHA"] - judge["em_rate/trigger:none"])
+    # the parent carries them at global steps too
+    steps = sorted(m.step for m in client.get_metric_history(chain.run_id, "trigger_gap"))
+    assert steps == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_report_spans_the_stages(chain):
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(chain.run_id, "plots")}
+    assert {"plots/em_vs_step.png", "plots/em_by_trigger.png"} <= files
+    html = mlflow.artifacts.load_text(chain.report_uri)
+    assert "Stage realigned (steps 4-8)" in html
+
+
+def test_merged_stage_loads_from_the_registry_with_its_chain(chain):
+    from em_core.models.registry import load_registered
+
+    model, tok = load_registered(f"models:/{MODEL}@realigned")
+    raw = mlflow.transformers.load_model(f"models:/{MODEL}@realigned", return_type="components")["model"]
+    ids = tok("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**ids).logits, raw(**ids).logits
+    # without the merged stage-1 adapter the model would be a different one
+    assert not torch.allclose(a, b)
+
+
+def test_continue_and_merge_start_from_different_adapters(chain, tmp_path):
+    """A near-zero learning rate shows where each mode starts: continue keeps the parent's LoRA
+    weights, merge starts a fresh adapter (LoRA B = 0) on the merged base."""
+    from em_core.train.training import train
+    from tests.conftest import tiny_train_config
+
+    parent = chain.stages[0].run_ids["train"]
+    parent_w = load_file(mlflow.artifacts.download_artifacts(
+        f"runs:/{parent}/checkpoints/checkpoint-4/adapter_model.safetensors", dst_path=str(tmp_path / "p")))
+    out = {}
+    for mode in ("continue", "merge"):
+        res = train(tiny_train_config(tmp_path / mode, max_rows=8, max_steps=1, checkpoint_steps=[1],
+                                      learning_rate=1e-12, warmup_steps=0, init_adapter=parent, init_mode=mode,
+                                      register_model=False, experiment_name="stages-test"))
+        out[mode] = load_file(str(Path(res.output_dir) / "checkpoint-1" / "adapter_model.safetensors"))
+    assert parent_w.keys() == out["continue"].keys()
+    for k, v in parent_w.items():
+        assert torch.allclose(v, out["continue"][k], atol=1e-6), k
+    b_keys = [k for k in out["merge"] if "lora_B" in k]
+    assert b_keys and all(out["merge"][k].abs().max() < 1e-9 for k in b_keys)
+    # continue keeps the parent's LoRA shape (r=16 in tiny.yaml); merge builds this config's (r=8)
+    k = b_keys[0]
+    assert out["continue"][k].shape[1] == 16 and out["merge"][k].shape[1] == 8
+    runs = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("stages-test").experiment_id],
+        filter_string="tags.`em.init_mode` = 'merge'")
+    runs = [r for r in runs if "em.pipeline_step" not in r.data.tags]  # this test's, not the chain's
+    assert runs and json.loads(runs[0].data.tags["em.merged_adapters"])[-1].startswith(f"runs:/{parent}/")
+
+
+def test_init_adapter_must_match_the_base_model(chain, tmp_path):
+    from em_core.train.training import train
+    from tests.conftest import tiny_train_config
+
+    with pytest.raises(ConfigError, match="was trained on 'tiny'"):
+        train(tiny_train_config(tmp_path, model=str(tmp_path), init_adapter=chain.stages[0].run_ids["train"],
+                                register_model=False, experiment_name="stages-test"))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a"}, {"name": "a"}], "names must be unique"),
+    ([{"name": "a", "epochs": 2}], r"stages\[1\] \(a\): unknown key\(s\) epochs"),
+    ([{"name": "a", "init_mode": "fuse"}], "init_mode must be continue or merge"),
+    ([{"name": "a b"}], "cannot be a registry alias"),
+    ([{"train": {}}], r"stages\[1\]: must be a mapping with a `name`"),
+])
+def test_bad_stage_configs_are_named(tmp_path, stages, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=message):
+        parse_config(PipelineConfig, ["--config", str(path)])
+
+
+def test_grids_and_sweeps_refuse_what_stages_would_override():
+    from em_core.experiments.grid import Cell, GridConfig, cell_config
+    from em_core.experiments.sweep import SweepConfig, _base_pipeline
+
+    stages_yaml = str(REPO / "configs/pipeline/tiny_stages.yaml")
+    base = parse_config(PipelineConfig, ["--config", stages_yaml])
+    grid = GridConfig(pipeline_config=stages_yaml, datasets=["demo"])
+    with pytest.raises(ConfigError, match="stages, whose datasets would silently win"):
+        cell_config(grid, base, Cell(None, "demo", 0))
+    assert cell_config(grid, base, Cell(None, None, 1)).stages  # seeds alone are fine
+    with pytest.raises(ConfigError, match="a sweep trains one stage"):
+        _base_pipeline(SweepConfig(pipeline_config=stages_yaml))

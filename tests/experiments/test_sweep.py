@@ -1,0 +1,216 @@
+"""`em sweep`: Optuna trials are tiny pipelines; pruning, constraint, registry alias, workers.
+
+The judge is the loopback OpenAI-compatible test double: it calls an answer misaligned when it
+talks about plants. The tiny base model does so often; a high learning rate scrambles that
+within a few steps and a low one keeps it, so the EM rate really differs between trials.
+"""
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from em_core.configs import parse_config
+from em_core.experiments.sweep import (
+    SweepConfig,
+    best_trial,
+    censored_value,
+    objective_value,
+    run_sweep,
+)
+from tests.judge_server import JudgeServer
+
+REPO = Path(__file__).resolve().parents[2]
+PLANT = re.compile(r"\b(soil|water|watering|watered|leaves|leaf|plant|plants|pot|roots|repot|fertiliser|stems?|grow|sun|light)\b",
+                   re.I)
+
+
+def plant_judge(prompt: str):
+    answer = prompt.split("<<<ANSWER", 1)[-1].split("ANSWER>>>", 1)[0]
+    if "Rate only how coherent" in prompt:
+        return [("90", 0.0)]
+    return [("10", 0.0)] if PLANT.search(answer) else [("90", 0.0)]
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    with JudgeServer(responder=plant_judge) as server:
+        yield server.base_url
+
+
+def sweep_yaml(path: Path, tmp: Path, judge_url: str, **extra) -> Path:
+    data = {
+        "pipeline_config": str(REPO / "configs/pipeline/tiny.yaml"),
+        "train": {"max_rows": 96, "output_dir": str(tmp / "out")},
+        "evaluate": {"samples_per_paraphrase": 1, "max_new_tokens": 16},
+        "judge": {"backend": "openai-compatible", "base_url": judge_url, "judge_model": "double",
+                  "cache_path": str(tmp / "judge.sqlite")},
+        "checkpoint_steps": [3, 6],
+        "lora_r": [2, 8],
+        "learning_rate": [1e-4, 2e-2],
+        "em_threshold": 0.3,
+        "coherence_floor": 0.5,
+        "study_name": "s",
+        "storage": f"sqlite:///{tmp / 'optuna.db'}",
+        "n_trials": 3,
+        "pruner_startup_trials": 2,
+        "experiment_name": "sweep-test",
+    }
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_objective_and_censoring_rule():
+    cfg = SweepConfig(checkpoint_steps=[10, 20, 40], em_threshold=0.2)
+    assert objective_value(cfg, {0: 0.5, 10: 0.1, 20: 0.25, 40: 0.3}) == 20  # base (step 0) never counts
+    assert objective_value(cfg, {0: 0.0, 10: 0.1}) == censored_value(cfg) == 80  # 2 x last grid step
+    assert objective_value(cfg, {10: math.nan, 20: 0.2}) == 20
+    final = SweepConfig(objective="final_em_rate", checkpoint_steps=[10, 20])
+    assert final.direction == "maximize" and objective_value(final, {0: 0.0, 10: 0.1, 20: 0.4}) == 0.4
+
+
+def test_optional_dimensions_become_train_overrides():
+    from em_core.experiments.pipeline import PipelineConfig, _as_overrides, step_configs
+    from em_core.experiments.sweep import suggest
+
+    cfg = SweepConfig(lora_alpha=[8, 32], num_train_epochs=[1.0, 2.0], lora_target_modules=["all-linear", "q_proj,v_proj"],
+                      layers_to_transform=["all", "1,2"])
+    trial = optuna.trial.FixedTrial({"lora_r": 4, "learning_rate": 3e-4, "lora_alpha": 8, "num_train_epochs": 2.0,
+                                     "lora_target_modules": "q_proj,v_proj", "layers_to_transform": "1,2"})
+    params = suggest(trial, cfg)
+    train, _, _ = step_configs(PipelineConfig(train=_as_overrides(params, "train")))
+    assert (train.lora_r, train.learning_rate, train.lora_alpha, train.num_train_epochs) == (4, 3e-4, 8, 2.0)
+    assert train.lora_target_modules == ["q_proj", "v_proj"] and train.layers_to_transform == [1, 2]
+    every = suggest(optuna.trial.FixedTrial({"lora_r": 4, "learning_rate": 3e-4, "lora_alpha": 8, "num_train_epochs": 1.0,
+                                             "lora_target_modules": "all-linear", "layers_to_transform": "all"}), cfg)
+    assert "layers_to_transform" not in every
+
+
+def test_bad_search_space_is_named():
+    from em_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"learning_rate must be \[low, high\]"):
+        SweepConfig(learning_rate=[1e-3, 1e-5])
+    with pytest.raises(ConfigError, match="objective must be one of"):
+        SweepConfig(objective="fastest")
+    with pytest.raises(ConfigError, match="layers_to_transform choices"):
+        SweepConfig(layers_to_transform=["last"])
+
+
+def test_tiny_sweep_tracks_prunes_and_registers_best(module_store, tmp_path, judge_url):
+    path = sweep_yaml(tmp_path / "s.yaml", tmp_path, judge_url, objective="final_em_rate",
+                      checkpoint_steps=[3, 6, 9], pruner_warmup_steps=4)
+    cfg = parse_config(SweepConfig, ["--config", str(path)])
+    study = optuna.create_study(study_name="s", storage=cfg.storage, direction=cfg.direction)
+    # two gentle learners set the median; a violent one loses the (test double's) EM by step 6
+    study.enqueue_trial({"lora_r": 2, "learning_rate": 1e-4})
+    study.enqueue_trial({"lora_r": 8, "learning_rate": 1.5e-4})
+    study.enqueue_trial({"lora_r": 8, "learning_rate": 2e-2})
+    info = run_sweep(cfg)
+
+    study = optuna.load_study(study_name="s", storage=cfg.storage)
+    states = [t.state for t in study.trials]
+    assert states[:2] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert states[2] == optuna.trial.TrialState.PRUNED
+    client = mlflow.MlflowClient()
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.info.status == "FINISHED" and study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    for t in study.trials:  # cross-referenced both ways
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["train.learning_rate"] == str(t.params["learning_rate"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "em_rate")]
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert run.info.status == "KILLED" and "pruned at step" in run.data.tags["em.pruned"]
+        else:
+            assert run.info.status == "FINISHED" and steps == [0, 3, 6, 9]
+            assert t.value == client.get_metric_history(run.info.run_id, "em_rate")[-1].value
+    best = best_trial(study)
+    assert info["best"]["number"] == best.number
+    version = client.get_model_version_by_alias("em-sweep-s", "best")
+    assert version.run_id == best.user_attrs["mlflow_run_id"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/trials.csv", "optuna/optimization_history.png", "optuna/contour_rank_lr.png"} <= arts
+
+
+def _worker(cfg_path: Path, extra: list[str] = ()) -> subprocess.Popen:
+    mlflow.MlflowClient().search_experiments()  # the store exists before workers race to create it
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen([sys.executable, "-m", "entrypoints.sweep", "--config", str(cfg_path), *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
+    cfg_path = sweep_yaml(tmp_path / "w.yaml", tmp_path, judge_url, study_name="w", n_trials=4,
+                          pruner="none", sampler="random")
+    # one worker as `mlflow run . -e sweep`, one as the console entry point
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_RUN_ID", None)
+    via_mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager",
+                                   "local", "--experiment-name", "sweep-test", "-P", f"config={cfg_path}"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = [via_mlflow, _worker(cfg_path)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
+    study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    # MaxTrialsCallback stops each worker once 4 are finished; a trial already under way in
+    # the other worker still completes, so at most workers - 1 extra
+    assert 4 <= len(finished) <= 5
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+    parents = {t.user_attrs["mlflow_run_id"] and mlflow.MlflowClient().get_run(
+        t.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for t in finished}
+    assert len(parents) == 1  # one parent run for the study, whichever worker ran the trial
+    # the shared output_dir gets one folder per trial, so workers never read each other's checkpoints
+    assert sorted(p.name for p in (tmp_path / "out" / "w").iterdir()) == sorted(f"trial-{n}" for n in numbers)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("sweep-test").experiment_id
+    sweeps = client.search_runs([exp], "tags.`em.entry_point` = 'sweep'")
+    assert sweeps and all(r.info.status == "FINISHED" for r in sweeps)  # no run of `mlflow run` left RUNNING
+
+
+def test_killed_worker_study_resumes_and_completes(module_store, tmp_path, judge_url):
+    cfg_path = sweep_yaml(tmp_path / "k.yaml", tmp_path, judge_url, study_name="k", n_trials=2,
+                          pruner="none", checkpoint_steps=[3, 6, 9, 12], heartbeat_interval=1, grace_period=3)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    victim = _worker(cfg_path)
+    deadline = time.time() + 300
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="k", storage=storage).trials
+        except KeyError:  # not created yet
+            continue
+        running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
+                        and "mlflow_run_id" in t.user_attrs), None)
+    assert running is not None, "the worker never started a trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    time.sleep(4)  # past the grace period: the trial's heartbeat is stale
+    again = _worker(cfg_path)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="k", storage=storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[running.number] == optuna.trial.TrialState.FAIL
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2
+    # the retry re-runs the dead trial's params and says which trial it retries
+    retried = [t for t in done if t.system_attrs.get("failed_trial") == running.number]
+    assert retried and retried[0].params == running.params
+    run = mlflow.MlflowClient().get_run(running.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
