@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from em_core import plots as P
+from em_core.analysis import plots as P
 from em_core.metrics import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

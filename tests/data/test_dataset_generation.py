@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from em_core import dataset_generation as dg
+from em_core.data import generation as dg
 from em_core.configs import parse_config
 from em_core.data.generation import (
     EM_LAB_CANARY,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from em_core import dataset_registry as dr
+from em_core.data import published as dr
 from em_core.data.training_data import load_source
 from em_core.errors import DataError
 from tests.conftest import shared_reference
