@@ -157,7 +157,9 @@ async def post_with_retries(
         if fatal is not None:
             raise error_cls(fatal)
         if attempt == max_retries:
-            raise error_cls(f"{what}: still failing after {max_retries + 1} attempts: {problem}")
+            err = error_cls(f"{what}: still failing after {max_retries + 1} attempts: {problem}")
+            err.retries_exhausted = True  # type: ignore[attr-defined]  # callers may record, not abort
+            raise err
         if stats is not None:
             stats["retries"] = stats.get("retries", 0) + 1
         delay = min(backoff_max, backoff_base * 2**attempt)
@@ -167,6 +169,12 @@ async def post_with_retries(
         log.warning("%s failed (%s); retry %d/%d in %.2fs", what, problem, attempt + 1, max_retries, delay)
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def retries_exhausted(error: BaseException) -> bool:
+    """Whether `error` is a transient failure that outlasted its retries (as opposed to a fatal
+    one such as a bad key): a caller judging many items can record it for that item and go on."""
+    return bool(getattr(error, "retries_exhausted", False))
 
 
 async def run_all(coros: list, prefer: type[BaseException] = ApiError) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import threading
 import time
@@ -58,6 +59,14 @@ class JudgeServer:
     fail_after_status: int = 500
     error_message: str = "injected failure"
     error_code: str | None = None  # the error body's "code", e.g. "insufficient_quota"
+    # Random faults: each request fails with this probability (status drawn from fault_statuses),
+    # seeded so a benchmark run is reproducible.
+    fault_rate: float = 0.0
+    fault_statuses: tuple[int, ...] = (429, 500)
+    fault_seed: int | None = 0
+    # Requests whose prompt contains this string always fail with fail_status (one answer whose
+    # retries are sure to run out).
+    always_fail_marker: str | None = None
     requests: list[RequestLog] = field(default_factory=list)
     successes: int = 0
     in_flight: int = 0
@@ -67,6 +76,7 @@ class JudgeServer:
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._rng = random.Random(self.fault_seed)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "JudgeServer":
@@ -148,6 +158,10 @@ class JudgeServer:
                 fail = self.fail_status
             elif self.fail_after is not None and self.successes >= self.fail_after:
                 fail = self.fail_after_status
+            elif self.always_fail_marker and body and self.always_fail_marker in json.dumps(body):
+                fail = self.fail_status
+            elif self.fault_rate and self._rng.random() < self.fault_rate:
+                fail = self._rng.choice(self.fault_statuses)
         try:
             if self.latency:
                 time.sleep(self.latency)

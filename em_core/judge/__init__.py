@@ -14,6 +14,7 @@ from em_core.judge.backends import (
 )
 from em_core.openai_api import PRICES_PER_1M, estimate_cost
 from em_core.judge.scoring import (
+    API_ERROR,
     LOW_LABEL_MASS,
     LOW_NUMBER_MASS,
     OUT_OF_RANGE,
@@ -30,6 +31,7 @@ from em_core.judge.scoring import (
 )
 
 __all__ = [
+    "API_ERROR",
     "DEFAULT_OPENAI_JUDGE",
     "PRICES_PER_1M",
     "Judge",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from em_core import tracking
 from em_core.data.questions import Question
-from em_core.errors import ConfigError, DataError
+from em_core.errors import ConfigError, DataError, JudgeError
+from em_core.judge.scoring import API_ERROR
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
@@ -49,6 +50,9 @@ class JudgeConfig:
     mode: str = field(default="logprobs", metadata={"help": "logprobs (papers' rule) or text (reasoning models)"})
     concurrency: int = 16
     max_retries: int = 5
+    backoff_base: float = field(default=1.0, metadata={"help": "first retry delay (s); doubles per attempt"})
+    retry_pause: float = field(default=30.0, metadata={
+        "help": "pause (s) before the one last retry of requests that used up their retries"})
     timeout: float = 60.0
     min_mass: float = 0.25
     cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
@@ -116,6 +120,7 @@ def build_judge(cfg: JudgeConfig):
     model = cfg.judge_model or ("tiny" if backend == "local" else None)
     return make_judge(backend, model, base_url=cfg.base_url, mode=cfg.mode, concurrency=cfg.concurrency,
                       max_retries=cfg.max_retries, timeout=cfg.timeout, min_mass=cfg.min_mass,
+                      backoff_base=cfg.backoff_base, final_retry_pause=cfg.retry_pause,
                       cache_path=cfg.cache_path or cache_dir() / "judge_cache.sqlite",
                       load_fn=_load_local_judge if backend == "local" else None)
 
@@ -276,10 +281,16 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 usage = {f"judge/{k}": float(v) for k, v in stats.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
                 mlflow.log_metrics(usage)
-                if train_run_id and cfg.log_to_train_run:
-                    log_metrics_to_run(train_run_id, by_step)
+                if train_run_id and cfg.log_to_train_run and not stats["api_errors"]:
+                    log_metrics_to_run(train_run_id, by_step)  # never an incomplete curve
                 final = f"runs:/{run.info.run_id}/judgments.csv"
             log.info("judge usage: %s", stats)
+            if stats["api_errors"]:  # everything is written; the run ends FAILED, the command non-zero
+                raise JudgeError(
+                    f"{stats['api_errors']} judgment(s) got no verdict: the judge server kept failing after "
+                    f"{cfg.max_retries} retries and a final retry; they are in {final} as unscored "
+                    f"'{API_ERROR}' (metric judge/api_errors). Run the same command again: every "
+                    f"verdict received is cached, so only the failed ones are paid for")
             return JudgeResult(run.info.run_id if run else None, final, sorted(by_step), by_step, stats, smoke)
     finally:
         judge.close()

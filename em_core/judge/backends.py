@@ -27,6 +27,7 @@ from tqdm import tqdm
 from em_core.cache import JudgmentCache
 from em_core.errors import JudgeError
 from em_core.judge.scoring import (
+    API_ERROR,
     DEFAULT_MIN_MASS,
     Judgment,
     check_labels,
@@ -39,6 +40,7 @@ from em_core.openai_api import (
     estimate_cost,
     post_with_retries,
     resolve_key,
+    retries_exhausted,
     run_all,
     safe_url,
 )
@@ -63,7 +65,11 @@ def cache_key(backend: str, model: str, mode: str, prompt: str, kind: str, label
 
 
 Record = dict[str, Any]
+# deliver(key, record): a result; a record holding FAILED instead of "raw" means the request
+# outlasted its retries (the driver retries it once more at the end, then records api_error).
 Deliver = Callable[[str, Record], None]
+FAILED = "failed"
+DEFAULT_FINAL_RETRY_PAUSE = 30.0
 
 
 class Judge:
@@ -72,8 +78,10 @@ class Judge:
 
     backend: str = ""
 
-    def __init__(self, model: str, *, mode: str, min_mass: float, cache_path: str | os.PathLike | None):
+    def __init__(self, model: str, *, mode: str, min_mass: float, cache_path: str | os.PathLike | None,
+                 final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE):
         self.model = model
+        self.final_retry_pause = final_retry_pause
         self.mode = mode
         self.min_mass = min_mass
         self.cache = JudgmentCache(cache_path)
@@ -86,6 +94,8 @@ class Judge:
             "cache_hits": 0,
             "judged": 0,
             "unscored": 0,
+            "api_errors": 0,
+            "final_retries": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
         }
@@ -95,7 +105,8 @@ class Judge:
     def stats(self) -> dict[str, Any]:
         """Usage so far on this judge object: requests (API calls incl. retries, or forward
         batches for `local`), retries, cache_hits, judged (fresh results), unscored (among
-        all returned judgments), prompt/completion token totals of fresh results, cost_usd."""
+        all returned judgments), api_errors (judgments left unscored because their requests
+        kept failing), final_retries (requests retried after the end-of-run pause), prompt/completion token totals of fresh results, cost_usd."""
         s = dict(self._stats)
         s["backend"], s["model"] = self.backend, self.model
         s["cost_usd"] = self._cost(s["prompt_tokens"], s["completion_tokens"])
@@ -109,8 +120,13 @@ class Judge:
         progress: bool = True,
     ) -> list[Judgment]:
         """Judge each prompt (one user message each). Returns one Judgment per prompt, in order.
-        Raises JudgeError when the backend cannot be used (auth, bad request, retries exhausted);
-        every result received before that is already in the cache."""
+
+        A prompt whose request keeps failing after its retries does not sink the others: once
+        the rest are done the driver waits `final_retry_pause` seconds and retries the failed
+        ones once more; any still failing come back unscored with reason `api_error` (never
+        cached, so a re-run pays only for them). Raises JudgeError when the backend cannot be
+        used at all (auth, bad request, malformed replies); every result received before that
+        is already in the cache."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "categorical":
@@ -136,7 +152,13 @@ class Judge:
         bar = tqdm(total=len(prompts), disable=not progress, desc=f"judge {self.model}", unit="prompt")
         bar.update(len(prompts) - sum(len(v) for v in positions.values()))
 
+        failed: dict[str, str] = {}
+
         def deliver(key: str, record: Record) -> None:
+            if FAILED in record:
+                failed[key] = record[FAILED]
+                return
+            failed.pop(key, None)
             # Persist first: from here on this judgment is never paid for again.
             self.cache.put(key, record, backend=self.backend, model=self.model, mode=self.mode, kind=kind)
             self._stats["judged"] += 1
@@ -151,8 +173,19 @@ class Judge:
         try:
             if todo:
                 await self._run(list(todo.items()), kind, labels, deliver)
+            if failed:
+                log.warning("judge %s: %d request(s) still failing after their retries; retrying them "
+                            "once more in %.0fs", self.model, len(failed), self.final_retry_pause)
+                await asyncio.sleep(self.final_retry_pause)
+                self._stats["final_retries"] += len(failed)
+                await self._run([(k, todo[k]) for k in list(failed)], kind, labels, deliver)
         finally:
             bar.close()
+        for key, problem in failed.items():
+            log.error("judge %s: no verdict after all retries (%s); recorded as %s", self.model, problem, API_ERROR)
+            for i in positions[key]:
+                results[i] = Judgment(unscored_reason=API_ERROR, raw=None)
+                self._stats["api_errors"] += 1
         out = [r for r in results if r is not None]
         assert len(out) == len(prompts), "backend returned without delivering every result"
         self._stats["unscored"] += sum(1 for r in out if not r.scored)
@@ -245,8 +278,10 @@ class OpenAIJudge(Judge):
         backoff_base: float,
         backoff_max: float,
         prices: Mapping[str, tuple[float, float]] | None,
+        final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
     ):
-        super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path)
+        super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path,
+                         final_retry_pause=final_retry_pause)
         self.backend = backend
         self.base_url = base_url
         self._api_key = Secret(api_key)
@@ -344,7 +379,12 @@ class OpenAIJudge(Judge):
 
         async def one(key: str, prompt: str) -> None:
             async with sem:
-                record = await self._request(client, prompt)
+                try:
+                    record = await self._request(client, prompt)
+                except JudgeError as e:
+                    if not retries_exhausted(e):
+                        raise
+                    record = {FAILED: str(e)}
             deliver(key, record)
 
         # On error or cancellation the rest stop; what already arrived is in the cache.
@@ -490,6 +530,7 @@ def make_judge(
     prices: Mapping[str, tuple[float, float]] | None = None,
     load_fn: LoadFn | None = None,
     batch_size: int = 8,
+    final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
 ) -> Judge:
     """Build a judge.
 
@@ -500,6 +541,8 @@ def make_judge(
     mode: "logprobs" (one token, top-20 logprobs, papers' rule) or "text" (parse a reply).
     Retries (429, 408, 409, 5xx, timeouts, connection errors) back off exponentially from
     backoff_base seconds with jitter, capped at backoff_max; other 4xx raise JudgeError at once.
+    A prompt that outlasts its retries is retried once more after final_retry_pause seconds at
+    the end of the call, then returned unscored with reason `api_error`.
     """
     if backend not in BACKENDS:
         raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -542,4 +585,5 @@ def make_judge(
         backoff_base=backoff_base,
         backoff_max=backoff_max,
         prices=prices,
+        final_retry_pause=final_retry_pause,
     )

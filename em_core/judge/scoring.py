@@ -23,6 +23,8 @@ UNPARSEABLE = "unparseable"
 OUT_OF_RANGE = "out_of_range"
 UNPARSEABLE_LABEL = "unparseable_label"
 LOW_LABEL_MASS = "low_label_mass"
+# The request still failed after its retries and the end-of-run retry: no verdict, nothing cached.
+API_ERROR = "api_error"
 
 DEFAULT_MIN_MASS = 0.25
 

@@ -61,6 +61,7 @@ def judge_for(tmp_path: Path) -> Iterator[Callable[..., Judge]]:
             backoff_base=0.01,
             backoff_max=0.05,
             cache_path=tmp_path / "judge_cache.sqlite",
+            final_retry_pause=0.01,
         )
         opts.update(kwargs)
         backend = opts.pop("backend", "openai-compatible")
