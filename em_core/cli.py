@@ -9,6 +9,7 @@
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml
     em metrics judged.csv [--json]
+    em runs reap [--experiment NAME ...] [--grace SECONDS]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",
     "datasets": "em_core.cli:datasets_main",
+    "runs": "em_core.cli:runs_main",
 }
 
 
@@ -40,6 +42,42 @@ def datasets_main(argv: list[str]) -> int:
     from em_core.data.published import main as registry
 
     return run_main(registry, argv)
+
+
+def _runs(argv: list[str]) -> int:
+    import argparse
+
+    import mlflow
+
+    from em_core import liveness, tracking
+    from em_core.errors import ConfigError
+
+    p = argparse.ArgumentParser(prog="em runs", description="Housekeeping of the MLflow store's runs.")
+    sub = p.add_subparsers(dest="action", required=True)
+    reap = sub.add_parser("reap", help="mark RUNNING runs whose process died (kill -9, OOM, lost node) KILLED")
+    reap.add_argument("--experiment", action="append", help="only this experiment (repeatable; default all)")
+    reap.add_argument("--grace", type=float, default=None,
+                      help="seconds without a heartbeat before a run counts as dead "
+                           f"(default EM_LAB_STALE_AFTER_SECONDS or {liveness.DEFAULT_STALE_AFTER_SECONDS:g})")
+    args = p.parse_args(argv)
+    tracking.configure_tracking()
+    ids = None
+    if args.experiment:
+        exps = {name: mlflow.get_experiment_by_name(name) for name in args.experiment}
+        missing = [name for name, e in exps.items() if e is None]
+        if missing:
+            raise ConfigError(f"--experiment: no experiment named {', '.join(missing)} in {mlflow.get_tracking_uri()}")
+        ids = [e.experiment_id for e in exps.values()]
+    reaped = liveness.reap_stale_runs(ids, args.grace)
+    for r in reaped:
+        print(f"KILLED {r.run_id} ({r.run_name}): {r.reason}")
+    print(f"{len(reaped)} stale run(s) marked KILLED")
+    return 0
+
+
+def runs_main(argv: list[str]) -> int:
+    """`em runs reap`: runs left RUNNING by a dead process are marked KILLED with a reason."""
+    return run_main(_runs, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 
+from em_core import liveness
 from em_core.paths import mlruns_dir
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
 # Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
 _CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
+_REAPED: set[tuple[str, str]] = set()  # (tracking uri, experiment id) already reaped by this process
 
 
 def is_main_process() -> bool:
@@ -115,24 +117,57 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name
+    _reap_once(kwargs.get("experiment_id") or _experiment_of(kwargs.get("run_id")))
     run = mlflow.start_run(**kwargs, tags=tags)
+    heartbeat = liveness.Heartbeat(run.info.run_id)
     try:
+        try:
+            heartbeat.start()
+        except Exception as e:  # noqa: BLE001 -- a busy store must not fail the run; it only loses reaping
+            log.warning("run %s: cannot start its heartbeat (%s); it will not be reaped if killed",
+                        run.info.run_id, e)
         yield run
     except KeyboardInterrupt:
+        heartbeat.stop()
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         if type(e).__name__ == "TrialPruned":  # optuna stopped it on purpose: KILLED, not FAILED
             with contextlib.suppress(Exception):
                 mlflow.set_tag("em.pruned", scrub(str(e))[:5000])
+            heartbeat.stop()
             mlflow.end_run("KILLED")
             raise
         with contextlib.suppress(Exception):
             mlflow.set_tag("em.error", f"{type(e).__name__}: {scrub(str(e))}"[:5000])
+        heartbeat.stop()
         mlflow.end_run("FAILED")
         raise
     else:
+        heartbeat.stop()
         mlflow.end_run("FINISHED")
+    finally:
+        heartbeat.stop()
+
+
+def _experiment_of(run_id: str | None) -> str | None:
+    import mlflow
+
+    if not run_id:
+        return None
+    return mlflow.MlflowClient().get_run(run_id).info.experiment_id
+
+
+def _reap_once(experiment_id: str | None) -> None:
+    """Before a command starts (or resumes) work in an experiment, runs there left RUNNING by a
+    dead process are marked KILLED, so searches for reusable or resumable work see the truth."""
+    import mlflow
+
+    key = (mlflow.get_tracking_uri(), experiment_id or "")
+    if experiment_id is None or key in _REAPED:
+        return
+    _REAPED.add(key)
+    liveness.reap_stale_runs([experiment_id])
 
 
 def scrub(text: str) -> str:
