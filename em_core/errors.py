@@ -24,3 +24,7 @@ class DataError(EmLabError):
 
 class JudgeError(EmLabError):
     """The judge backend could not be used at all (not: one reply was unscorable)."""
+
+
+class StoreError(EmLabError):
+    """The MLflow tracking store cannot be opened (damaged, half-migrated, unreachable)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from em_core import liveness
+from em_core.errors import StoreError
 from em_core.paths import mlruns_dir
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
 # Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
 _CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
-_REAPED: set[tuple[str, str]] = set()  # (tracking uri, experiment id) already reaped by this process
+_REAPED: set[tuple[str, str]] = set()
+_READY: set[str] = set()  # sqlite stores this process has created/migrated (under the lock)  # (tracking uri, experiment id) already reaped by this process
 
 
 def is_main_process() -> bool:
@@ -51,7 +54,35 @@ def configure_tracking() -> str:
         uri = default_tracking_uri()
         os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow run, workers) inherit it
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        _open_sqlite_store(uri)
+        _READY.add(uri)
     return uri
+
+
+def _open_sqlite_store(uri: str) -> None:
+    """Create/migrate a sqlite store under an exclusive file lock beside it: MLflow's schema
+    creation and alembic migrations are not safe against several processes opening a fresh store
+    at once (`table experiments already exists`, or a half-migrated database)."""
+    import mlflow
+
+    db = os.path.abspath(uri.removeprefix("sqlite:///"))
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # Both calls make MLflow build (and cache) its tracking and registry stores, which
+            # creates or upgrades the schema; later calls in this process reuse them.
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            mlflow.MlflowClient(uri, registry_uri=uri).search_registered_models(max_results=1)
+        except Exception as e:
+            raise StoreError(
+                f"cannot open the MLflow store {db}: {type(e).__name__}: {scrub(str(e))[:500]}. To fix: if an "
+                f"older MLflow wrote it, run `mlflow db upgrade {uri}`; if it is damaged, move {db} aside (a new "
+                f"one is created; artifacts stay where they are) or point MLFLOW_TRACKING_URI at another store"
+            ) from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(name: str) -> str:
