@@ -41,8 +41,12 @@ class MlflowMetrics(TrainerCallback):
     step costs ~20% of a small model's step time on 2 cores (benchmarks/tracking_overhead.py).
     """
 
-    def __init__(self, run_id: str, flush_seconds: float = 10.0):
+    def __init__(self, run_id: str, flush_seconds: float = 10.0, already_logged: set[tuple[str, int]] = frozenset()):
         self.run_id, self.flush_seconds = run_id, flush_seconds
+        # (metric, step) pairs already in the run: those a crashed attempt flushed past its last
+        # checkpoint (a resumed run replays those steps), and the ones logged here (the final log
+        # repeats `epoch` at the last step). Each metric gets exactly one value per step.
+        self._seen = set(already_logged)
         self._buffer: list = []
         self._last_flush = time.monotonic()
 
@@ -59,7 +63,9 @@ class MlflowMetrics(TrainerCallback):
         for k, v in logs.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 key = k.replace("train_", "train/") if k.startswith("train_") else k
-                self._buffer.append(Metric(key, float(v), now, state.global_step))
+                if (key, state.global_step) not in self._seen:
+                    self._seen.add((key, state.global_step))
+                    self._buffer.append(Metric(key, float(v), now, state.global_step))
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -136,6 +142,24 @@ def sft_config(cfg: TrainConfig, output_dir: str, assistant_only: bool, has_eval
         eval_strategy="epoch" if has_eval else "no", per_device_eval_batch_size=cfg.per_device_train_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
     )
+
+
+def logged_steps(run_id: str) -> set[tuple[str, int]]:
+    """(metric, step) of every value a run has logged."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    return {(key, m.step) for key in client.get_run(run_id).data.metrics
+            for m in client.get_metric_history(run_id, key)}
+
+
+def resume_checkpoint(run_id: str, output_dir: Path) -> tuple[Path, int]:
+    """(local folder, step) of the run's last logged checkpoint, for EVERY rank: each downloads
+    it into its own folder (ranks may share a filesystem). Ranks cannot disagree on which step
+    that is: rank 0 logs the next checkpoint only after a training step, which needs all ranks."""
+    tracking.configure_tracking()
+    rank = int(os.environ.get("RANK", "0"))
+    return _download_last_checkpoint(run_id, output_dir / "resume" / f"rank-{rank}")
 
 
 def _download_last_checkpoint(run_id: str, dest: Path) -> tuple[Path, int]:
@@ -243,12 +267,14 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
     with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
         output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
-        resume_from = None
+        resume_from, already_logged = None, set()
+        if cfg.resume_run_id:  # on every rank, not only the one that talks to MLflow
+            resume_from, step = resume_checkpoint(cfg.resume_run_id, Path(output_dir))
+            log.info("resuming run %s from step %d", cfg.resume_run_id, step)
         if run is not None:
             if cfg.resume_run_id:
-                resume_from, step = _download_last_checkpoint(cfg.resume_run_id, Path(output_dir) / "resume")
-                log.info("resuming run %s from step %d", run_id, step)
                 mlflow.set_tag("em.resumed_from_step", str(step))
+                already_logged = logged_steps(cfg.resume_run_id)
             else:
                 mlflow.log_text(to_yaml(cfg), CONFIG_ARTIFACT)
                 tracking.log_params("train", asdict(cfg))
@@ -267,7 +293,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
         callbacks = [schedule, *extra_callbacks]
         metrics_cb = None
         if run_id:
-            metrics_cb = MlflowMetrics(run_id)
+            metrics_cb = MlflowMetrics(run_id, already_logged=already_logged)
             callbacks = [schedule, metrics_cb, LogCheckpoints(run_id), *extra_callbacks]
         trainer = SFTTrainer(
             model=model, args=sft_config(cfg, output_dir, assistant_only, bool(eval_rows)),

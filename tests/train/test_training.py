@@ -122,7 +122,7 @@ def test_failed_run_ends_failed_and_resumes_at_the_right_step(tmp_path, mlflow_s
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["em.resumed_from_step"] == "4"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    # step 5 ran twice (before the crash and after resuming from checkpoint 4); then on to 12
-    assert sorted(set(steps)) == list(range(1, 13)) and max(steps) == 12
+    # step 5 ran twice (before the crash and after resuming from checkpoint 4) but is logged once
+    assert sorted(steps) == list(range(1, 13))
     logged = sorted(step_of(a.path) for a in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR))
     assert logged == [4, 8, 12]
