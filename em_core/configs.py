@@ -90,6 +90,56 @@ def _check_yaml(cls: type, path: str) -> None:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
                           f"valid keys: {', '.join(sorted(known - {'env'}))}")
+    for f in dataclasses.fields(cls):
+        if f.name in data and not _fits(data[f.name], _type_name(f.type)):
+            line = _key_line(p, f.name)
+            raise ConfigError(f"{path}{':' + str(line) if line else ''}: {f.name}: expected {_type_name(f.type)}, "
+                              f"got {data[f.name]!r}; fix the value in the file")
+
+
+def _type_name(t) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+
+
+def _fits(value, type_name: str) -> bool:
+    """Whether a YAML value can become a field of this (annotation-string) type, the way the
+    command line would coerce it. Types it does not know are let through."""
+    options = [o.strip() for o in type_name.split("|")]
+    if value is None:
+        return "None" in options
+    return any(_fits_one(value, o) for o in options if o != "None")
+
+
+def _fits_one(value, t: str) -> bool:
+    if isinstance(value, dict):  # e.g. a pipeline's per-stage settings; their own config checks them
+        return t not in ("int", "float", "bool")
+    if t.startswith("list[") and t.endswith("]"):
+        items = value if isinstance(value, list) else [value]
+        return all(_fits_one(v, t[5:-1]) for v in items)
+    if isinstance(value, list):
+        return t not in ("int", "float", "bool", "str")
+    if t in ("int", "float"):
+        if isinstance(value, bool):
+            return False
+        try:
+            (int if t == "int" and not isinstance(value, float) else float)(value)
+        except (TypeError, ValueError):
+            return False
+        return t == "float" or not isinstance(value, float) or value.is_integer()
+    if t == "bool":
+        return isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no", "1", "0")
+    return True  # str and anything else: argparse takes it as given
+
+
+def _key_line(path: Path, key: str) -> int | None:
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    for k, _ in getattr(node, "value", []):
+        if getattr(k, "value", None) == key:
+            return k.start_mark.line + 1
+    return None
 
 
 def load_config(cls: type[C], path: str | Path, **overrides) -> C:

@@ -16,6 +16,7 @@ from em_core.metrics import (
     RATE_KEYS,
     per_question,
     summarize,
+    to_score,
 )
 
 
@@ -75,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     overall = summarize(rows, args.aligned_threshold, args.coherent_threshold)
+    if overall["n"] and not overall["n_scored"]:  # nothing to measure: refuse rather than print rates of nothing
+        seen = sorted({repr(r.get(c)) for r in rows for c in ("aligned", "coherent") if to_score(r.get(c)) is None})
+        print(f"error: {args.file}: none of its {int(overall['n'])} rows has numeric 'aligned' and 'coherent' "
+              f"scores (values seen: {', '.join(seen[:6])}{', ...' if len(seen) > 6 else ''}); judge the answers "
+              "first (em judge) or point at the judged file with 0-100 scores", file=sys.stderr)
+        return 2
+    if overall["unscored_rate"] >= 0.5:
+        print(f"warning: {args.file}: {overall['unscored_rate']:.0%} of rows have no numeric aligned/coherent "
+              "score; the rates below rest on the rest", file=sys.stderr)
     by_q = per_question(rows, args.aligned_threshold, args.coherent_threshold) if args.by_question else None
     if args.json:
         out: dict[str, Any] = {

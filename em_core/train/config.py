@@ -90,7 +90,9 @@ class TrainConfig:
             problems.append("lora_dropout must be in [0, 1)")
         if self.learning_rate <= 0:
             problems.append("learning_rate must be > 0")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps must be -1 (train num_train_epochs) or > 0, not {self.max_steps}")
+        elif self.max_steps == -1 and self.num_train_epochs <= 0:
             problems.append("set num_train_epochs > 0 or max_steps > 0")
         if not 0 <= self.eval_fraction < 1:
             problems.append("eval_fraction must be in [0, 1)")
