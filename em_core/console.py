@@ -3,10 +3,12 @@ turned into one clear line and exit code 2. Base layer: imports only errors and 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 
-from em_core.errors import EmLabError
+from em_core.errors import ConfigError, EmLabError
 from em_core.tracking import scrub
 
 
@@ -27,11 +29,27 @@ def setup_logging(level: int = logging.INFO) -> None:
         h.addFilter(_ScrubSecrets())
 
 
+_URL_USERINFO = re.compile(r"://[^/@\s]+@")
+
+
+def refuse_url_credentials(argv: list[str]) -> None:
+    """Command-line values are recorded as given (`mlflow run` logs every -P as a run parameter,
+    `ps` shows them): a URL carrying user:password@ is refused there (config files are fine:
+    what the project logs of them is scrubbed)."""
+    if any(_URL_USERINFO.search(str(a)) for a in argv):
+        hint = ("; `mlflow run` has already recorded it in this run's parameters: delete the run "
+                "(mlflow runs delete --run-id $MLFLOW_RUN_ID, then mlflow gc)" if os.environ.get("MLFLOW_RUN_ID") else "")
+        raise ConfigError("a command-line URL contains user:password@; give the URL without it and pass the "
+                          "credentials by environment variable (OPENAI_API_KEY is sent as the API key)" + hint)
+
+
 def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
     """Run an entry point: user errors print one clear line and exit 2, no traceback."""
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(fn(list(sys.argv[1:] if argv is None else argv)) or 0)
+        refuse_url_credentials(argv)
+        return int(fn(argv) or 0)
     except EmLabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

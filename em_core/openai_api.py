@@ -88,7 +88,8 @@ def async_client(secret: Secret, base_url: str | None, timeout: float, what: str
         raise error_cls(f"no API key for {what}: set OPENAI_API_KEY (or point base_url at an OpenAI-compatible server)")
     kwargs: dict[str, Any] = {"max_retries": 0, "timeout": timeout}
     if base_url:
-        kwargs["base_url"] = base_url
+        # user:password@ in the URL would make httpx send Basic auth instead of the API key
+        kwargs["base_url"] = safe_url(base_url)
     problem = None
     try:
         return openai.AsyncOpenAI(api_key=key, **kwargs)

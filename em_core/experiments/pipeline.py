@@ -384,7 +384,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
         from em_core.configs import to_yaml
 
-        mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
+        mlflow.log_text(tracking.scrub(to_yaml(cfg)), "config/pipeline_config.yaml")  # no user:pass@ of a URL
         tracking.log_params("pipeline", asdict(cfg))
         ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
         stage_results, by_step = _run_stages(cfg, ctx, code)

@@ -97,7 +97,8 @@ class FineTuningApi:
                               "(or openai_base_url for an OpenAI-compatible server)")
         problem = None
         try:
-            self.client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries,
+            # safe_url: user:password@ in the URL would make httpx send Basic auth, not the key
+            self.client = openai.OpenAI(api_key=key, base_url=safe_url(self.base_url), max_retries=max_retries,
                                         timeout=timeout)
         except openai.OpenAIError as e:
             problem = redact(str(e), key)

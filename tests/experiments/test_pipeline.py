@@ -131,7 +131,7 @@ def test_failing_step_fails_the_parent_and_is_named(first, tmp_path):
     _, cfg_path, _ = first
     argv = ["--config", str(cfg_path), "--report", "false", "--judge",
             "backend=openai-compatible", "base_url=http://127.0.0.1:9/v1", "judge_model=nobody",
-            "max_retries=0", "timeout=2", f"cache_path={tmp_path / 'c.sqlite'}"]
+            "max_retries=0", "retry_pause=0", "timeout=2", f"cache_path={tmp_path / 'c.sqlite'}"]
     with pytest.raises(StepFailed, match="pipeline step 'judge' failed"):
         run_pipeline(parse_config(PipelineConfig, argv))
     client = mlflow.MlflowClient()
@@ -192,3 +192,45 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     assert judge.info.run_id != newest.info.run_id
     assert judge.data.tags["mlflow.parentRunId"] == newest.info.run_id and judge.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "em_rate")) == 4
+
+
+PLANTED = "PLANTED-pw-7f3a9c"
+
+
+def test_password_in_a_base_url_is_in_no_record(first, module_store, tmp_path, caplog, capsys, monkeypatch):
+    """A judge base_url with user:password@ (from the YAML): the judge sends the API key, and
+    the password is nowhere in the store, artifacts, report or logs."""
+    from tests.judge.conftest import judge_server_module
+
+    _, _, tmp = first
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-credential-check-0123456789")
+    with judge_server_module.JudgeServer() as server:
+        url = server.base_url.replace("http://", f"http://emuser:{PLANTED}@")
+        cfg_path = write_config(tmp_path / "pipeline.yaml", tmp, judge={
+            "backend": "openai-compatible", "base_url": url, "judge_model": "m",
+            "cache_path": str(tmp_path / "c.sqlite")})
+        with caplog.at_level("DEBUG"):
+            result = run_pipeline(parse_config(PipelineConfig, ["--config", str(cfg_path)]))
+        auth = {r.authorization for r in server.requests}
+    assert auth == {"Bearer sk-test-credential-check-0123456789"}  # the key, not Basic auth
+    parent = mlflow.MlflowClient().get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    files = [f for f in module_store.rglob("*") if f.is_file()]
+    assert any(f.name == "report.html" for f in files) and any(f.name == "pipeline_config.yaml" for f in files)
+    assert any(f.name == "mlflow.db" for f in files)
+    leaks = [str(f) for f in files if PLANTED.encode() in f.read_bytes()]
+    assert leaks == []
+    out = capsys.readouterr()
+    assert PLANTED not in caplog.text + out.out + out.err
+    # the config artifact keeps the URL, without its credentials
+    assert any("base_url=http://***@127.0.0.1:" in f.read_text() for f in files if f.name == "pipeline_config.yaml")
+
+
+def test_url_with_credentials_on_the_command_line_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123abcd")  # as under `mlflow run -P base_url=...`
+    from entrypoints.pipeline import main
+
+    assert main(["--judge", f"base_url=http://u:{PLANTED}@host/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: a command-line URL contains user:password@" in err and "by environment variable" in err
+    assert "mlflow runs delete" in err and PLANTED not in err
