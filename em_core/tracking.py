@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import json
 import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 from em_core import liveness
 from em_core.errors import StoreError
-from em_core.paths import mlruns_dir
+from em_core.paths import file_lock, mlruns_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def _open_sqlite_store(uri: str) -> None:
     import mlflow
 
     db = os.path.abspath(uri.removeprefix("sqlite:///"))
-    os.makedirs(os.path.dirname(db), exist_ok=True)
-    with open(db + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(Path(db + ".lock")):
         try:
             # Both calls make MLflow build (and cache) its tracking and registry stores, which
             # creates or upgrades the schema; later calls in this process reuse them.
@@ -81,8 +79,6 @@ def _open_sqlite_store(uri: str) -> None:
                 f"older MLflow wrote it, run `mlflow db upgrade {uri}`; if it is damaged, move {db} aside (a new "
                 f"one is created; artifacts stay where they are) or point MLFLOW_TRACKING_URI at another store"
             ) from None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(name: str) -> str:
