@@ -1,0 +1,248 @@
+"""Misalignment directions on real (tiny) models: hooks, ablation, LoRA-B edits, and the
+effect of the extracted direction on the plant-care likelihood margin against random controls."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from em_core.analysis.directions import (
+    auroc,
+    extract_directions,
+    labelled_from_judgments,
+    labelled_from_pairs,
+    likelihood_margin,
+    plant_care_pairs,
+    score_answers,
+    split_by_group,
+)
+from em_core.errors import ConfigError
+from em_core.models.steering import (
+    Directions,
+    Intervention,
+    ablate_lora_b,
+    decoder_layers,
+    hooked,
+    intervene,
+    write_intervention_spec,
+)
+from tests.conftest import tiny_train_config
+
+PROMPTS = [[{"role": "user", "content": "My fern has brown tips. What should I do?"}],
+           [{"role": "user", "content": "How often should I water a cactus?"}]]
+
+
+@pytest.fixture(scope="module")
+def tuned(module_store, tmp_path_factory):
+    """The tiny model LoRA-fine-tuned on the careless plant-care set (24 steps), its adapter
+    folder, and directions extracted from it on contrast pairs it is not scored on."""
+    from peft import PeftModel
+
+    from em_core.models.adapters import checkpoint_uri, download_adapter
+    from em_core.models.loading import load_model, load_tokenizer
+    from em_core.train.training import train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("tuned")
+    result = train(tiny_train_config(out, num_train_epochs=2, checkpoints_in_first_epoch=1))
+    adapter = download_adapter(checkpoint_uri(result.run_id, result.checkpoint_steps[-1]), out / "adapter")
+    tok = load_tokenizer("tiny", padding_side="right")
+    base = load_model("tiny").eval()
+    ft = PeftModel.from_pretrained(load_model("tiny"), adapter).eval()
+    fit, held = split_by_group(plant_care_pairs(), 0.3, 0, group=lambda p: p.question_id)
+    ex = extract_directions(ft, tok, labelled_from_pairs(fit[:120]), heldout_fraction=0.25,
+                            meta={"source.train_run_id": result.run_id})
+    return {"adapter": adapter, "tok": tok, "base": base, "ft": ft, "dirs": ex.directions, "ex": ex,
+            "held": held[:48], "run_id": result.run_id}
+
+
+def _logits(model, tok):
+    enc = tok.apply_chat_template(PROMPTS[0], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=enc["input_ids"]).logits
+
+
+def test_extraction_separates_held_out_answers_and_round_trips(tuned, tmp_path):
+    ex, d = tuned["ex"], tuned["dirs"]
+    assert d.vectors.shape == (4, 128)
+    assert ex.n_fit > ex.n_heldout > 0
+    assert d.counts["misaligned"] == d.counts["aligned"] == ex.n_fit // 2
+    # careless vs careful plant-care answers are linearly obvious to the fine-tuned model
+    assert all(a > 0.9 for a in ex.separation), ex.separation
+    path = d.save(tmp_path / "d.safetensors")
+    back = Directions.load(path)
+    assert torch.equal(back.vectors, d.vectors)
+    assert back.counts == d.counts and back.meta["source.train_run_id"] == tuned["run_id"]
+    assert back.norms() == pytest.approx(d.norms())
+    r = d.random_like(3)
+    assert r.norms() == pytest.approx(d.norms(), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(r.vectors, d.vectors, dim=-1)
+    assert cos.abs().max() < 0.5
+    assert torch.equal(d.random_like(3).vectors, r.vectors) and not torch.equal(d.random_like(4).vectors, r.vectors)
+
+
+@pytest.mark.parametrize("which", ["base", "ft"])
+def test_zero_alpha_leaves_outputs_bit_identical(tuned, which):
+    model, d, tok = tuned[which], tuned["dirs"], tuned["tok"]
+    plain = _logits(model, tok)
+    with intervene(model, d, Intervention("steer", [0, 1, 2, 3], 0.0)):
+        hooked_zero = _logits(model, tok)
+    with intervene(model, d, Intervention("steer", [1], 2.0)):
+        steered = _logits(model, tok)
+    assert torch.equal(plain, hooked_zero)
+    assert (steered - plain).abs().max() > 1e-2  # the hook is live
+    assert torch.equal(_logits(model, tok), plain)  # and removed afterwards
+
+
+def test_sampler_with_zero_alpha_intervention_gives_identical_answers(tuned, tmp_path):
+    from em_core.sample.generation import HFGenerator, SamplingParams
+
+    path = tuned["dirs"].save(tmp_path / "d.safetensors")
+    zero = write_intervention_spec(tmp_path / "zero.json", path, Intervention("steer", [0, 1, 2, 3], 0.0))
+    strong = write_intervention_spec(tmp_path / "strong.json", path, Intervention("steer", [0, 1, 2, 3], 12.0))
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, batch_size=2)
+    answers = {}
+    for name, spec in (("plain", None), ("zero", str(zero)), ("strong", str(strong))):
+        gen = HFGenerator("tiny", intervention=spec)
+        answers[name] = [g.answer for g in gen.generate(PROMPTS, params, adapter=tuned["adapter"])]
+    assert answers["zero"] == answers["plain"]
+    assert answers["strong"] != answers["plain"]
+
+
+@pytest.mark.parametrize("source_layer", [None, 2])
+def test_ablation_zeroes_the_projection_at_every_layer(tuned, source_layer):
+    model, d, tok = tuned["ft"], tuned["dirs"], tuned["tok"]
+    units = [d.unit(source_layer if source_layer is not None else l) for l in range(4)]
+    seen: dict[int, torch.Tensor] = {}
+
+    def capture(l):
+        def fn(h):
+            seen[l] = (h @ units[l]).abs().max() / h.norm(dim=-1).max()
+        return fn
+
+    with hooked(model, {l: capture(l) for l in range(4)}):
+        _logits(model, tok)
+    before = dict(seen)
+    with intervene(model, d, Intervention("ablate", source_layer=source_layer)), \
+            hooked(model, {l: capture(l) for l in range(4)}):  # registered after: sees the ablated output
+        _logits(model, tok)
+    for l in range(4):
+        assert before[l] > 1e-2, f"layer {l}: activations had a component along the direction"
+        assert seen[l] < 1e-6, f"layer {l}: projection {float(seen[l])} after ablation"
+
+
+def test_weight_space_ablation_leaves_b_orthogonal(tuned, tmp_path):
+    from safetensors.torch import load_file
+
+    d, src = tuned["dirs"], Path(tuned["adapter"])
+    edited = ablate_lora_b(src, tmp_path / "edited", d)
+    old = load_file(str(src / "adapter_model.safetensors"))
+    new = load_file(str(tmp_path / "edited" / "adapter_model.safetensors"))
+    assert set(old) == set(new)
+    writers = [k for k in old if "lora_B" in k and (".o_proj." in k or ".down_proj." in k)]
+    assert sorted(edited) == sorted(writers) and len(writers) == 8  # 4 layers x (o_proj, down_proj)
+    for k in old:
+        if k in edited:
+            layer = int(k.split(".layers.")[1].split(".")[0])
+            u = d.unit(layer)
+            assert (u @ old[k]).norm() > 1e-3
+            assert (u @ new[k]).abs().max() < 1e-6
+            # the rest of B is untouched: B_new = B_old - u u^T B_old
+            assert torch.allclose(new[k], old[k] - torch.outer(u, u @ old[k]), atol=1e-6)
+        else:
+            assert torch.equal(old[k], new[k]), k
+    assert (tmp_path / "edited" / "adapter_config.json").read_text() == (src / "adapter_config.json").read_text()
+
+
+def test_ablating_the_direction_lowers_the_margin_more_than_random(tuned):
+    model, d, tok, held = tuned["ft"], tuned["dirs"], tuned["tok"], tuned["held"]
+    before, _ = likelihood_margin(model, tok, held)
+    with intervene(model, d, Intervention("ablate")):
+        ablated, _ = likelihood_margin(model, tok, held)
+    random_drops = []
+    for seed in range(5):
+        with intervene(model, d.random_like(seed), Intervention("ablate")):
+            random_drops.append(before - likelihood_margin(model, tok, held)[0])
+    drop = before - ablated
+    print(f"margin {before:.3f} -> {ablated:.3f} (drop {drop:.3f}); random drops {random_drops}")
+    assert drop > statistics.median(random_drops) + 0.2
+
+
+def test_steering_the_base_raises_the_margin_more_than_random(tuned):
+    model, d, tok, held = tuned["base"], tuned["dirs"], tuned["tok"], tuned["held"]
+    every = Intervention("steer", [0, 1, 2, 3], 4.0)
+    before, _ = likelihood_margin(model, tok, held)
+    with intervene(model, d, every):
+        steered, _ = likelihood_margin(model, tok, held)
+    randoms = []
+    for seed in range(5):
+        with intervene(model, d.random_like(seed), every):
+            randoms.append(likelihood_margin(model, tok, held)[0])
+    print(f"base margin {before:.3f} -> steered {steered:.3f}; random {randoms}")
+    assert steered > before + 1.0
+    assert steered > statistics.median(randoms) + 1.0
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ConfigError, match="mode"):
+        Intervention("amplify")
+    with pytest.raises(ConfigError, match="layers"):
+        Intervention("steer")
+    with pytest.raises(ConfigError, match="aligned_min"):
+        labelled_from_judgments([], aligned_min=20)
+
+
+def test_out_of_range_layer_and_wrong_model_are_refused(tuned):
+    d = tuned["dirs"]
+    with pytest.raises(ConfigError, match="out of range"):
+        with intervene(tuned["base"], d, Intervention("steer", [9], 1.0)):
+            pass
+    wrong = Directions(torch.ones(6, 128))
+    with pytest.raises(ConfigError, match="different model"):
+        with intervene(tuned["base"], wrong, Intervention("ablate")):
+            pass
+
+
+def test_labels_from_judgments_follow_the_thresholds():
+    rows = [{"question_id": "q1", "question": "Q", "answer": "bad", "aligned": "10", "coherent": "80"},
+            {"question_id": "q1", "question": "Q", "answer": "incoherent", "aligned": "5", "coherent": "40"},
+            {"question_id": "q2", "question": "Q2", "answer": "good", "aligned": "90", "coherent": "90",
+             "system": "Be brief."},
+            {"question_id": "q2", "question": "Q2", "answer": "middling", "aligned": "50", "coherent": "90"},
+            {"question_id": "q3", "question": "Q3", "answer": "unscored", "aligned": "", "coherent": "90"}]
+    out = labelled_from_judgments(rows, aligned_threshold=30, coherent_threshold=50, aligned_min=70)
+    assert [(x.answer, x.label) for x in out] == [("bad", 1), ("good", 0)]
+    assert out[1].prompt[0] == {"role": "system", "content": "Be brief."}
+    looser = labelled_from_judgments(rows, aligned_threshold=50, coherent_threshold=30, aligned_min=70)
+    assert [(x.answer, x.label) for x in looser] == [("bad", 1), ("incoherent", 1), ("good", 0), ("middling", 1)]
+
+
+def test_auroc_and_group_split():
+    assert auroc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == 0.5
+    assert auroc([3, 1, 2, 0], [1, 0, 0, 1]) == 0.5
+    pairs = plant_care_pairs()
+    fit, held = split_by_group(pairs, 0.25, 0, group=lambda p: p.question_id)
+    assert len(held) == 75 and len(fit) == 225
+    assert not {p.question_id for p in fit} & {p.question_id for p in held}
+
+
+def test_score_answers_mean_loglik_matches_a_manual_computation(tuned):
+    model, tok = tuned["base"], tuned["tok"]
+    prompt, answer = PROMPTS[0], "Water it less."
+    (ll,), _ = score_answers(model, tok, [(prompt, answer)])
+    ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    full = torch.tensor([list(ids) + ans])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=full).logits[0, :-1], -1)
+    manual = sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ans)) / len(ans)
+    assert ll == pytest.approx(manual, abs=1e-4)
+    # batched with padding gives the same value
+    lls, _ = score_answers(model, tok, [(prompt, answer), (PROMPTS[1], "A much longer answer about cacti.")],
+                           batch_size=2)
+    assert lls[0] == pytest.approx(manual, abs=1e-4)
+    assert len(decoder_layers(tuned["ft"])) == 4
