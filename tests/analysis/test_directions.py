@@ -246,3 +246,89 @@ def test_score_answers_mean_loglik_matches_a_manual_computation(tuned):
                            batch_size=2)
     assert lls[0] == pytest.approx(manual, abs=1e-4)
     assert len(decoder_layers(tuned["ft"])) == 4
+
+
+# --- the tracked experiment (em directions steer|ablate) on the same fine-tuned adapter -----------
+
+def _children(client, parent_id: str):
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["mlflow.runName"]: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def steer_run(tuned):
+    from em_core.experiments.directions import DirectionsConfig, run_directions
+
+    cfg = DirectionsConfig(action="steer", model="tiny", fine_tuned=tuned["adapter"], layers=[-1],
+                           alphas=[0.0, 4.0], random_seeds=[0], samples_per_paraphrase=1, max_new_tokens=8,
+                           judge_backend="local", probe_pairs=24, experiment_name="directions-test")
+    return run_directions(cfg)
+
+
+def test_steer_experiment_runs_conditions_with_judge_probe_and_controls(steer_run):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(steer_run.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["em.entry_point"] == "directions"
+    assert parent.data.params["directions.action"] == "steer"
+    auc = client.get_metric_history(steer_run.run_id, "directions/auroc")
+    assert sorted(m.step for m in auc) == [0, 1, 2, 3] and all(m.value > 0.9 for m in auc)
+    assert [a.path for a in client.list_artifacts(steer_run.run_id, "directions")] == [
+        "directions/conditions.csv", "directions/directions.safetensors"]
+    plots = {a.path for a in client.list_artifacts(steer_run.run_id, "plots")}
+    assert {"plots/steer_em_rate.png", "plots/steer_coherent_rate.png", "plots/steer_probe_margin.png"} <= plots
+    kids = _children(client, steer_run.run_id)
+    assert set(kids) == {"baseline", "steer_all_a4", "steer_all_a4_random0"}
+    for name, run in kids.items():
+        assert run.info.status == "FINISHED"
+        m = run.data.metrics
+        assert 0 <= m["em_rate"] <= 1 and 0 <= m["coherent_rate"] <= 1 and "probe/margin" in m, name
+        grand = _children(client, run.info.run_id)
+        assert set(grand) == {f"{name}/evaluate", f"{name}/judge"}
+        assert grand[f"{name}/judge"].data.tags["em.eval_run_id"] == grand[f"{name}/evaluate"].info.run_id
+        has_iv = bool(client.list_artifacts(grand[f"{name}/evaluate"].info.run_id, "intervention"))
+        assert has_iv == (name != "baseline")
+    margins = {c["name"]: c["probe/margin"] for c in steer_run.conditions}
+    # the same effect as the direct test: the direction moves the base, a random one much less
+    assert margins["steer_all_a4"] > margins["baseline"] + 1.0
+    assert margins["steer_all_a4"] > margins["steer_all_a4_random0"] + 1.0
+
+
+def test_ablate_experiment_reuses_directions_and_edits_the_adapter(tuned, steer_run):
+    import mlflow
+
+    from em_core.experiments.directions import DirectionsConfig, run_directions
+
+    cfg = DirectionsConfig(action="ablate", model="tiny", fine_tuned=tuned["adapter"],
+                           directions_run_id=steer_run.run_id, random_seeds=[0], samples_per_paraphrase=1,
+                           max_new_tokens=8, judge_backend="local", probe_pairs=24, experiment_name="directions-test")
+    result = run_directions(cfg)
+    client = mlflow.MlflowClient()
+    kids = _children(client, result.run_id)
+    assert set(kids) == {"baseline", "ablate", "ablate_random0", "weight_ablate", "weight_ablate_random0"}
+    assert {a.path for a in client.list_artifacts(kids["weight_ablate"].info.run_id, "adapter")} == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    m = {c["name"]: c["probe/margin"] for c in result.conditions}
+    assert m["ablate"] < m["baseline"] - 0.2
+    assert abs(m["ablate_random0"] - m["baseline"]) < 0.1
+    assert m["weight_ablate"] < m["baseline"]
+    assert all("em_rate" in c for c in result.conditions)
+    assert client.get_run(result.run_id).data.metrics["real/probe/margin"] == pytest.approx(m["ablate"])
+
+
+def test_directions_cli_errors_exit_2_and_a_failing_run_is_failed(tuned, capsys):
+    import mlflow
+
+    from entrypoints.directions import main
+
+    assert main(["ablate", "--model", "tiny"]) == 2
+    assert "ablate acts on a fine-tuned model" in capsys.readouterr().err
+    assert main(["amplify"]) == 2
+    assert "unknown action 'amplify'" in capsys.readouterr().err
+    assert main(["steer", "--fine_tuned", tuned["adapter"], "--layers", "7", "--experiment_name", "dir-fail",
+                 "--probe_pairs", "4", "--random_seeds", "0"]) == 2
+    assert "layers [7]" in capsys.readouterr().err
+    runs = mlflow.search_runs(experiment_names=["dir-fail"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"] and "layers [7]" in runs[0].data.tags["em.error"]
