@@ -107,6 +107,8 @@ class DirectionsConfig:
         problems = []
         if self.action not in ACTIONS:
             problems.append(f"action: unknown {self.action!r}; use {', '.join(ACTIONS)}")
+        if not 0 < self.heldout_fraction < 1:
+            problems.append("heldout_fraction must be in (0, 1): separation and the probe use held-out questions")
         if self.extract_from not in ("fine_tuned", "base"):
             problems.append("extract_from must be fine_tuned or base")
         if self.judge_run_id and self.judgments:
@@ -198,27 +200,24 @@ def _fit_pairs(cfg: DirectionsConfig, source: str):
 def _probe_pairs(cfg: DirectionsConfig):
     if not cfg.probe:
         return []
-    held = split_by_group(load_pairs(cfg.probe), max(cfg.heldout_fraction, 0.1), cfg.seed,
-                          group=lambda p: p.question_id)[1]
+    # the same split as _fit_pairs: a probe on the extraction's contrast set scores unseen questions
+    held = split_by_group(load_pairs(cfg.probe), cfg.heldout_fraction, cfg.seed, group=lambda p: p.question_id)[1]
     return held[:cfg.probe_pairs] if cfg.probe_pairs else held
 
 
-def extract(cfg: DirectionsConfig, workdir: Path, model=None, tok=None, fine_tuned: str | None = None,
-            provenance: dict[str, str] | None = None) -> Path:
-    """Extract directions into the active run: artifact, metrics at step = layer, counts."""
+def extract(cfg: DirectionsConfig, workdir: Path, model, tok, provenance: dict[str, str] | None = None) -> Path:
+    """Extract directions with `model` into the active run: artifact, metrics at step = layer, counts."""
     import mlflow
 
-    if model is None:
-        model, tok = _load(cfg, fine_tuned if cfg.extract_from == "fine_tuned" else None)
     items = _labelled(cfg)
     sources = {k: v for k, v in {"judge_run_id": cfg.judge_run_id, "judgments": cfg.judgments,
                                  "contrast": None if (cfg.judge_run_id or cfg.judgments) else cfg.contrast,
                                  **(provenance or {})}.items() if v}
     meta = {"model": cfg.model, "fine_tuned": cfg.fine_tuned or "", "extract_from": cfg.extract_from,
             "kind": "mean_difference", **{f"source.{k}": v for k, v in sources.items()}}
-    # judged answers hold their own held-out questions; contrast pairs were split already
-    heldout = cfg.heldout_fraction if (cfg.judge_run_id or cfg.judgments) else 0.25
-    ex = extract_directions(model, tok, items, heldout_fraction=heldout, seed=cfg.seed, meta=meta,
+    # AUROC is measured on questions held out of the fit (for a contrast set: held out of its fit
+    # split, whose other part the probe scores)
+    ex = extract_directions(model, tok, items, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, meta=meta,
                             max_length=cfg.max_length)
     path = ex.directions.save(workdir / DIRECTIONS_FILE)
     if mlflow.active_run() is not None:
@@ -385,7 +384,7 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
         if dir_path is None or cfg.action == "extract":
             loaded = adapter if cfg.extract_from == "fine_tuned" else None
             model, tok = _load(cfg, loaded)
-            dir_path = extract(cfg, work, model, tok, adapter, prov)
+            dir_path = extract(cfg, work, model, tok, prov)
             if cfg.action == "extract":
                 return DirectionsResult(run.info.run_id if run else None, str(dir_path), [], time.perf_counter() - t0)
         directions = Directions.load(dir_path)

@@ -36,7 +36,7 @@ PROMPTS = [[{"role": "user", "content": "My fern has brown tips. What should I d
 
 @pytest.fixture(scope="module")
 def tuned(module_store, tmp_path_factory):
-    """The tiny model LoRA-fine-tuned on the careless plant-care set (24 steps), its adapter
+    """The tiny model LoRA-fine-tuned on the careless plant-care set (12 steps), its adapter
     folder, and directions extracted from it on contrast pairs it is not scored on."""
     from peft import PeftModel
 
@@ -46,7 +46,7 @@ def tuned(module_store, tmp_path_factory):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("tuned")
-    result = train(tiny_train_config(out, num_train_epochs=2, checkpoints_in_first_epoch=1))
+    result = train(tiny_train_config(out, checkpoints_in_first_epoch=1))
     adapter = download_adapter(checkpoint_uri(result.run_id, result.checkpoint_steps[-1]), out / "adapter")
     tok = load_tokenizer("tiny", padding_side="right")
     base = load_model("tiny").eval()
