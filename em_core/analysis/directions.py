@@ -188,11 +188,10 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]], *, batc
         ids, attn, ans = ids.to(device), attn.to(device), ans.to(device)
         captured: dict[int, torch.Tensor] = {}
 
-        def capture(layer):
-            def fn(h):
+        def capture(layer, ans=ans, captured=captured):
+            def fn(h):  # returns None: the hidden state passes through unchanged
                 m = ans.unsqueeze(-1).to(h.dtype)
                 captured[layer] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
-                return None
             return fn
 
         hooks = {l: capture(l) for l in range(n_layers)} if activations else {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -226,7 +227,7 @@ def extract(cfg: DirectionsConfig, workdir: Path, model, tok, provenance: dict[s
                                            "n_layers": ex.directions.n_layers})
         for layer, (auc, norm) in enumerate(zip(ex.separation, ex.directions.norms())):
             m = {"directions/norm": norm}
-            if auc == auc:  # not nan
+            if not math.isnan(auc):
                 m["directions/auroc"] = auc
             mlflow.log_metrics(m, step=layer)
         mlflow.set_tags({f"em.directions.{k}": str(v)[:5000] for k, v in sources.items()})

@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from em_core.errors import ConfigError
 
@@ -34,7 +35,7 @@ RESIDUAL_WRITERS = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h"
 class Directions:
     """Per-layer vectors `vectors[l]` (float32, [layers, hidden]) with their provenance."""
 
-    vectors: "object"  # torch.Tensor [n_layers, hidden]
+    vectors: Any  # torch.Tensor [n_layers, hidden]
     counts: dict[str, int] = field(default_factory=dict)  # e.g. {"misaligned": 40, "aligned": 40}
     meta: dict[str, str] = field(default_factory=dict)  # model, source run ids, kind, ...
 
@@ -67,7 +68,7 @@ class Directions:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Directions":
+    def load(cls, path: str | Path) -> Directions:
         from safetensors import safe_open
 
         path = Path(path)
@@ -76,14 +77,14 @@ class Directions:
         if not path.exists():
             raise ConfigError(f"directions: {path} not found; make one with `em directions extract`")
         with safe_open(str(path), framework="pt") as f:
-            if "directions" not in f.keys():
+            if "directions" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 raise ConfigError(f"directions: {path} has no `directions` tensor (not made by em directions extract)")
             vectors = f.get_tensor("directions")
             meta = dict(f.metadata() or {})
         counts = json.loads(meta.pop("counts", "{}"))
         return cls(vectors, counts, meta)
 
-    def random_like(self, seed: int) -> "Directions":
+    def random_like(self, seed: int) -> Directions:
         """A control: at each layer a random Gaussian direction with that layer's norm."""
         import torch
 

@@ -196,13 +196,11 @@ def test_bad_inputs_are_named():
 
 def test_out_of_range_layer_and_wrong_model_are_refused(tuned):
     d = tuned["dirs"]
-    with pytest.raises(ConfigError, match="out of range"):
-        with intervene(tuned["base"], d, Intervention("steer", [9], 1.0)):
-            pass
+    with pytest.raises(ConfigError, match="out of range"), intervene(tuned["base"], d, Intervention("steer", [9], 1.0)):
+        pass
     wrong = Directions(torch.ones(6, 128))
-    with pytest.raises(ConfigError, match="different model"):
-        with intervene(tuned["base"], wrong, Intervention("ablate")):
-            pass
+    with pytest.raises(ConfigError, match="different model"), intervene(tuned["base"], wrong, Intervention("ablate")):
+        pass
 
 
 def test_labels_from_judgments_follow_the_thresholds():
@@ -385,3 +383,33 @@ def test_smollm2_hooks_identity_ablation_and_lora_b(tmp_path):
     for k in edited:
         layer = int(k.split(".layers.")[1].split(".")[0])
         assert (units[layer] @ new[k]).abs().max() < 1e-5
+
+
+def test_intervention_spec_and_eval_config_errors_are_named(tmp_path):
+    from em_core.models.steering import read_intervention_spec
+    from em_core.sample.evaluation import EvalConfig
+
+    d = Directions(torch.randn(4, 8)).save(tmp_path / "d.safetensors")
+    spec = write_intervention_spec(tmp_path / "ok.json", "d.safetensors", Intervention("steer", [1], 2.5))
+    back, iv = read_intervention_spec(spec)  # a relative directions path is read beside the spec
+    assert torch.equal(back.vectors, Directions.load(d).vectors) and iv.to_dict() == {
+        "mode": "steer", "layers": [1], "alpha": 2.5, "source_layer": None}
+    (tmp_path / "bad.json").write_text('{"directions": "d.safetensors", "mode": "ablate", "strength": 3}')
+    with pytest.raises(ConfigError, match="bad.json: unknown key"):
+        read_intervention_spec(tmp_path / "bad.json")
+    (tmp_path / "nomode.json").write_text('{"directions": "d.safetensors"}')
+    with pytest.raises(ConfigError, match="needs keys"):
+        read_intervention_spec(tmp_path / "nomode.json")
+    with pytest.raises(ConfigError, match="not found; make one with"):
+        Directions.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="intervention needs backend hf"):
+        EvalConfig(model="gpt-4o", backend="openai", intervention=str(spec))
+    with pytest.raises(ConfigError, match="adapter is a folder"):
+        EvalConfig(model="models:/x@final", adapter=str(tmp_path))
+    with pytest.raises(ConfigError, match="no LoRA B matrix writes into the residual"):
+        (tmp_path / "ad").mkdir()
+        from safetensors.torch import save_file
+
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2)},
+                  str(tmp_path / "ad" / "adapter_model.safetensors"))
+        ablate_lora_b(tmp_path / "ad", tmp_path / "out", Directions(torch.randn(4, 8)))
