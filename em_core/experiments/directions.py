@@ -135,7 +135,7 @@ class DirectionsConfig:
 @dataclass
 class DirectionsResult:
     run_id: str | None
-    directions_path: str
+    directions_path: str  # runs:/<id>/directions/directions.safetensors
     conditions: list[dict]
     seconds: float
 
@@ -282,7 +282,7 @@ def _conditions(cfg: DirectionsConfig, n_layers: int) -> list[dict]:
     return out
 
 
-def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, dir_path: Path, workdir: Path,
+def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, workdir: Path,
                    model, tok, adapter: str | None, pairs) -> dict:
     """One condition as a child run: evaluate -> judge (grandchildren) and the probe margin."""
     import mlflow
@@ -292,10 +292,7 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, di
 
     cdir = workdir / cond["name"]
     cdir.mkdir()
-    d, dpath = directions, dir_path
-    if cond["seed"] >= 0:
-        d = directions.random_like(cond["seed"])
-        dpath = d.save(cdir / DIRECTIONS_FILE)
+    d = directions.random_like(cond["seed"]) if cond["seed"] >= 0 else directions
     iv, spec, eval_adapter = None, None, adapter
     if cond["kind"] in ("real", "random") and cfg.action == "steer":
         iv = Intervention("steer", list(range(directions.n_layers)) if cond["layer"] == -1 else [cond["layer"]],
@@ -305,14 +302,16 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, di
     elif cond["kind"] in ("weight", "weight_random"):
         eval_adapter = str(cdir / "adapter")
         ablate_lora_b(adapter, eval_adapter, d, cfg.source_layer)
-    if iv is not None:
-        spec = str(write_intervention_spec(cdir / "intervention.json", dpath, iv))
+    if iv is not None:  # spec + its directions side by side, so the logged folder replays with evaluate
+        d.save(cdir / DIRECTIONS_FILE)
+        spec = str(write_intervention_spec(cdir / "intervention.json", DIRECTIONS_FILE, iv))
     result = dict(cond)
     with tracking.tracked_run(cfg.experiment_name, cond["name"], tags={"em.entry_point": "directions_condition",
                                                                      "em.condition": cond["name"]}) as run:
         tracking.log_params("condition", {k: cond[k] for k in ("kind", "layer", "alpha", "seed")})
         if spec:
             mlflow.log_artifact(spec, "intervention")
+            mlflow.log_artifact(str(cdir / DIRECTIONS_FILE), "intervention")
         if eval_adapter and cond["kind"].startswith("weight"):
             mlflow.log_artifacts(eval_adapter, "adapter")
         if pairs:
@@ -387,8 +386,12 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
             model, tok = _load(cfg, loaded)
             dir_path = extract(cfg, work, model, tok, prov)
             if cfg.action == "extract":
-                return DirectionsResult(run.info.run_id if run else None, str(dir_path), [], time.perf_counter() - t0)
+                return DirectionsResult(run.info.run_id if run else None, _where(run, dir_path), [],
+                                        time.perf_counter() - t0)
         directions = Directions.load(dir_path)
+        if run is not None and cfg.action != "extract" and (cfg.directions_run_id or cfg.directions_path):
+            mlflow.log_artifact(str(dir_path), "directions")  # the directions this run used, beside its results
+            mlflow.set_tag("em.directions_source", cfg.directions_run_id or str(cfg.directions_path))
         # the model the interventions act on: the base for steering, the fine-tuned one for ablation
         want_adapter = adapter if cfg.action == "ablate" else None
         if model is None or loaded != want_adapter:
@@ -400,11 +403,16 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
             log.info("directions: condition %s", cond["name"])
             with tracking.child_runs(run.info.run_id if run else "", {"em.directions_run": run.info.run_id}) \
                     if run is not None else _null():
-                results.append(_run_condition(cfg, cond, directions, dir_path, work, model, tok, want_adapter,
-                                              pairs))
+                results.append(_run_condition(cfg, cond, directions, work, model, tok, want_adapter, pairs))
         if run is not None:
             _log_summary(cfg, results, work)
-        return DirectionsResult(run.info.run_id if run else None, str(dir_path), results, time.perf_counter() - t0)
+        return DirectionsResult(run.info.run_id if run else None, _where(run, dir_path), results,
+                                time.perf_counter() - t0)
+
+
+def _where(run, local: Path) -> str:
+    """The directions as the run logged them (the local copy is a temporary file)."""
+    return f"runs:/{run.info.run_id}/directions/{DIRECTIONS_FILE}" if run is not None else str(local)
 
 
 def _null():

@@ -308,6 +308,15 @@ def test_ablate_experiment_reuses_directions_and_edits_the_adapter(tuned, steer_
     assert set(kids) == {"baseline", "ablate", "ablate_random0", "weight_ablate", "weight_ablate_random0"}
     assert {a.path for a in client.list_artifacts(kids["weight_ablate"].info.run_id, "adapter")} == {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert client.get_run(result.run_id).data.tags["em.directions_source"] == steer_run.run_id
+    # the logged intervention replays: spec + directions, read back as the sampler reads them
+    from em_core.models.steering import read_intervention_spec
+
+    local = mlflow.artifacts.download_artifacts(run_id=kids["ablate"].info.run_id, artifact_path="intervention")
+    replay, iv = read_intervention_spec(Path(local) / "intervention.json")
+    assert steer_run.directions_path == f"runs:/{steer_run.run_id}/directions/directions.safetensors"
+    used = Directions.load(mlflow.artifacts.download_artifacts(steer_run.directions_path))
+    assert iv.mode == "ablate" and torch.equal(replay.vectors, used.vectors)
     m = {c["name"]: c["probe/margin"] for c in result.conditions}
     assert m["ablate"] < m["baseline"] - 0.2
     assert abs(m["ablate_random0"] - m["baseline"]) < 0.1
