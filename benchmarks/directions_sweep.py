@@ -37,8 +37,8 @@ def main() -> None:
         from em_core.train.training import train
 
         t0 = time.perf_counter()
-        tr = train(TrainConfig(model="tiny", dataset=["demo"], max_rows=96, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                               num_train_epochs=1, learning_rate=5e-3, lora_r=8, lora_alpha=16, max_length=192,
+        tr = train(TrainConfig(model="tiny", dataset=["demo"], max_rows=96, per_device_train_batch_size=8,
+                               gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=5e-3, lora_r=8, lora_alpha=16, max_length=192,
                                warmup_steps=1, checkpoints_in_first_epoch=1, output_dir=f"{tmp}/out",
                                registered_model_name="bench-tiny", experiment_name="bench"))
         adapter = download_adapter(checkpoint_uri(tr.run_id, tr.checkpoint_steps[-1]), Path(tmp) / "adapter")
