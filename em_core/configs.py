@@ -105,8 +105,8 @@ def _fits(value, type_name: str) -> bool:
     """Whether a YAML value can become a field of this (annotation-string) type, the way the
     command line would coerce it. Types it does not know are let through."""
     options = [o.strip() for o in type_name.split("|")]
-    if value is None:
-        return "None" in options
+    if value is None:  # `key:` left empty: the parser takes it as "unset"; the config's own checks judge it
+        return True
     return any(_fits_one(value, o) for o in options if o != "None")
 
 
