@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -277,7 +278,9 @@ def join_study(study, cfg: SweepConfig, fingerprint: tuple[str, dict], wait: flo
 
     storage = study._storage
     marker = optuna.create_study(study_name=f"{cfg.study_name}.workers", storage=storage, load_if_exists=True)
-    ticket = marker.ask()
+    with warnings.catch_warnings():  # "heartbeat is meant for optimize": a ticket is told at once
+        warnings.simplefilter("ignore", UserWarning)
+        ticket = marker.ask()
     ticket.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     marker.tell(ticket, 0.0)
     index = ticket.number
@@ -400,11 +403,8 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run this worker's share of the study; returns best-trial info. Any number of workers may
-    run the same config against one storage and MLflow store (`--launcher ray` starts them)."""
-    if cfg.launcher == "ray":
-        from em_core.experiments.launch import sweep_on_ray
-
-        return sweep_on_ray(cfg)
+    run the same config against one storage and MLflow store (`launch.sweep_on_ray` starts N of
+    them as Ray tasks)."""
     import mlflow
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
