@@ -52,7 +52,7 @@ WORKER_FIELDS = ("pipeline_config", "storage", "n_trials", "timeout", "seed", "h
 # Step-config fields that are machine-local (paths, endpoints, concurrency), not the experiment.
 LOCAL_STEP_FIELDS = ("output_dir", "cache_path", "run_name", "concurrency", "max_retries", "timeout",
                      "poll_interval", "base_url", "openai_base_url", "experiment_name", "train_run_id",
-                     "eval_run_id", "judges_path")
+                     "eval_run_id", "judges_path", "keep_local_checkpoints")
 
 
 @dataclass
