@@ -86,7 +86,7 @@ def main() -> None:
                                                         f"/{len(trials)}")
         fig["server_rss_mb_after_sweeps"] = round(rss_mb(server.pid))
         for launcher in ("local", "ray"):
-            grid = tmp / f"grid-{launcher}.yaml"
+            grid = tmp / f"bench-grid-{launcher}.yaml"
             import yaml
 
             grid.write_text(yaml.safe_dump({"name": f"bench-{launcher}", "pipeline_config": str(pipeline_yaml(tmp, "g")),

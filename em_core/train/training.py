@@ -141,14 +141,16 @@ class LogCheckpoints(TrainerCallback):
         return self.logged
 
 
-def clean_local_checkpoints(output_dir: Path, steps: list[int]) -> None:
-    """Delete the uploaded checkpoint folders (the store has them), then the folder if empty."""
+def clean_local_outputs(output_dir: Path, uploaded: list[int], scheduled: list[int]) -> bool:
+    """Delete the scratch folder `outputs/<run id>` once every scheduled checkpoint is in the
+    store; returns whether it did."""
     import shutil
 
-    for step in steps:
-        shutil.rmtree(output_dir / f"checkpoint-{step}", ignore_errors=True)
-    if output_dir.is_dir() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
+    if sorted(uploaded) != sorted(scheduled):
+        log.warning("keeping %s: checkpoints %s were not all uploaded", output_dir, sorted(set(scheduled) - set(uploaded)))
+        return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return True
 
 
 def _to_trl_rows(rows: list[dict], tokenizer) -> tuple[list[dict], bool]:
@@ -367,5 +369,5 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
         if uploads is not None and cfg.output_dir is None and not cfg.keep_local_checkpoints:
             # the default outputs/<run id> is scratch once the store has every checkpoint
-            clean_local_checkpoints(Path(output_dir), uploads.logged)
+            clean_local_outputs(Path(output_dir), uploads.logged, schedule.steps)
     return result

@@ -127,10 +127,12 @@ def test_three_parallel_workers_explore_distinct_points_and_a_failing_one_harms_
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and "em.error" not in parent.data.tags
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.tags["em.trials_failed"] == "1"
-    failed_runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials
-                   if t.state == optuna.trial.TrialState.FAIL]
-    assert [r.info.status for r in failed_runs] == ["FAILED"]
+    (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    failed_runs = _runs("scale-sweep", f"tags.`em.sweep` = '{study_name}' and "
+                                       f"tags.`optuna.trial_number` = '{failed.number}'")
+    assert [r.info.status for r in failed_runs] == ["FAILED"]  # the trial's own run, nothing else
     assert failed_runs[0].data.tags["mlflow.parentRunId"] == parent_id
+    assert "NotADirectoryError" in failed_runs[0].data.tags["em.error"]
 
     # a worker with another search space is refused before it runs anything
     other = parse_config(SweepConfig, ["--config", str(sweep_yaml(tmp_path, study_name, postgres["optuna"],
@@ -181,7 +183,7 @@ def ray_head(tmp_path):
 
 
 def test_ray_grid_two_launchers_run_each_cell_once(server_store, tmp_path, ray_head):
-    grid = tmp_path / "grid.yaml"
+    grid = tmp_path / "ray-grid.yaml"
     grid.write_text(yaml.safe_dump({"name": "ray2", "pipeline_config": str(pipeline_yaml(tmp_path, "grid")),
                                     "models": ["tiny"], "datasets": ["demo", "demo:plant_care_good"], "seeds": [0],
                                     "experiment_name": "scale-grid", "claim_wait": 2}))
