@@ -216,7 +216,7 @@ def _run_cells(cfg: GridConfig, base: PipelineConfig, todo: list, exp_id: str, c
     another launcher while this one waited)."""
     found: dict[str, str] = {}
     claims: dict[str, str] = {}
-    waiting = list(todo)
+    waiting, reported = list(todo), 0
     ray_cells = launch.RayCells(cfg.ray_address, cfg.num_cpus, cfg.num_gpus) if cfg.launcher == "ray" else None
     try:
         while waiting or (ray_cells and ray_cells.pending):
@@ -260,9 +260,10 @@ def _run_cells(cfg: GridConfig, base: PipelineConfig, todo: list, exp_id: str, c
                         found[label] = run_pipeline(pcfg).run_id
                 finally:
                     launch.release(claims.pop(label))
-            waiting = held
+            if held and len(held) != reported:
+                log.info("grid %s: %d cell(s) held by another launcher; waiting for them", cfg.name, len(held))
+            waiting, reported = held, len(held)
             if held and not (ray_cells and ray_cells.pending):
-                log.info("grid %s: %d cell(s) held by another launcher; waiting", cfg.name, len(held))
                 time.sleep(cfg.claim_wait)
             for label, result in ray_cells.wait() if ray_cells else []:
                 launch.release(claims.pop(label))

@@ -36,13 +36,20 @@ def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subproce
                             start_new_session=True)
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 10.0) -> None:
+    """Signal the child's process group; SIGKILL it if it is not gone within `grace` seconds."""
+    for s in (sig, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, s)
         except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _unavailable(reason: str):

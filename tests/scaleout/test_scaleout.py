@@ -178,7 +178,6 @@ def ray_head(tmp_path):
     time.sleep(1)
     yield f"127.0.0.1:{port}"
     stop(proc, signal.SIGTERM)
-    stop(proc)
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -210,3 +209,18 @@ def test_ray_grid_two_launchers_run_each_cell_once(server_store, tmp_path, ray_h
         assert {kv.split("=", 1)[1] for kv in s.data.tags["em.grid_cells"].split(",")} == ids
     client = mlflow.MlflowClient()
     assert not [m for m in client.search_registered_models() if m.name.startswith("em-claim.")]  # claims released
+
+
+def test_experiments_on_postgres_without_a_server_get_an_absolute_artifact_root(postgres, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=postgresql://... and no server: artifacts must not land in ./mlruns of
+    whatever directory a command happens to run in."""
+    from em_core.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres["mlflow"])
+    monkeypatch.setenv("EM_LAB_MLRUNS", str(tmp_path / "store"))
+    monkeypatch.delenv("EM_LAB_ARTIFACT_ROOT", raising=False)
+    mlflow.set_tracking_uri(postgres["mlflow"])
+    exp_id = ensure_experiment(f"pg-direct-{uuid.uuid4().hex[:6]}")
+    exp = mlflow.MlflowClient().get_experiment(exp_id)
+    assert exp.artifact_location == f"file://{tmp_path / 'store' / 'artifacts' / exp.name}"
