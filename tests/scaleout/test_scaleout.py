@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from em_core.configs import parse_config
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import PipelineConfig, run_pipeline
 from em_core.experiments.sweep import SweepConfig, run_sweep
+from em_core.models.tiny import TINY_VERSION
 from tests.scaleout.conftest import child_env, spawn, stop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def _runs(experiment: str, filter_string: str = "") -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id], filter_string, max_results=1000)
 
 
-def test_tiny_pipeline_end_to_end_through_the_server(server_store, tmp_path):
+def test_tiny_pipeline_end_to_end_through_the_server(server_store, tmp_path, monkeypatch):
     result = run_pipeline(parse_config(PipelineConfig, ["--config", str(pipeline_yaml(tmp_path, "pipe"))]))
     client = mlflow.MlflowClient()
     parent = client.get_run(result.run_id)
@@ -60,17 +60,15 @@ def test_tiny_pipeline_end_to_end_through_the_server(server_store, tmp_path):
     ckpts = {a.path for a in client.list_artifacts(train_id, "checkpoints")}
     assert {"checkpoints/checkpoint-3", "checkpoints/checkpoint-6"} <= ckpts
     version = client.get_model_version_by_alias("em-scale-pipe", "scale")
-    assert version.run_id == train_id
-    # load the registered adapter back in another process and working directory: same weights
+    assert version.run_id == train_id and version.tags["em.base_ref"] == f"tiny-v{TINY_VERSION}"  # portable base
+    # load the registered adapter back from another working directory: the trained weights
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("from em_core.models.registry import load_registered\n"
-            "m, _ = load_registered('models:/em-scale-pipe@scale')\n"
-            "print('LORA_B', sum(float(p.abs().sum()) for n, p in m.named_parameters() if 'lora_B' in n))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=child_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    loaded = float(out.stdout.split("LORA_B", 1)[1].split()[0])
+    monkeypatch.chdir(elsewhere)
+    from em_core.models.registry import load_registered
+
+    model, _ = load_registered("models:/em-scale-pipe@scale")
+    loaded = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
     from safetensors.torch import load_file
 
     local = mlflow.artifacts.download_artifacts(f"runs:/{train_id}/checkpoints/checkpoint-6/adapter_model.safetensors",
@@ -165,6 +163,11 @@ def test_sigterm_ends_a_pipeline_and_its_running_step_killed(server_store, tmp_p
         assert "SIGTERM" in r.data.tags["em.killed_reason"] and "em.error" not in r.data.tags
 
 
+# A throwaway local cluster: no usage stats, and no token auth, which Ray turns on when it finds
+# a token in ~/.ray (left by any earlier local `ray.init()`) and then demands from every client.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A local Ray cluster (2 CPUs) in its own process group, so the test stops only what it started."""
@@ -174,7 +177,7 @@ def ray_head(tmp_path):
     port = 20000 + os.getpid() % 20000
     proc = spawn([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
                   "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
-                 child_env(RAY_USAGE_STATS_ENABLED="0"), tmp_path, tmp_path / "ray.log")
+                 child_env(**RAY_ENV), tmp_path, tmp_path / "ray.log")
     time.sleep(1)
     yield f"127.0.0.1:{port}"
     stop(proc, signal.SIGTERM)
@@ -189,7 +192,7 @@ def test_ray_grid_two_launchers_run_each_cell_once(server_store, tmp_path, ray_h
     cmd = [sys.executable, "-m", "entrypoints.grid", "--config", str(grid), "--launcher", "ray",
            "--ray_address", ray_head]
     t0 = time.time()
-    launchers = [spawn(cmd, child_env(), tmp_path, tmp_path / f"launcher{i}.log") for i in range(2)]
+    launchers = [spawn(cmd, child_env(**RAY_ENV), tmp_path, tmp_path / f"launcher{i}.log") for i in range(2)]
     try:
         for p in launchers:
             p.wait(timeout=540)
