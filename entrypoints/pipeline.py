@@ -30,7 +30,7 @@ def _pipeline(argv: list[str]) -> int:
 
     if "--config" not in argv:
         argv = ["--config", str(PROJECT_ROOT / DEFAULT_CONFIG), *argv]
-    cfg = parse_config(PipelineConfig, argv)
+    cfg = parse_config(PipelineConfig, argv, prog="em pipeline")
     result = run_pipeline(cfg)
     for step, m in result.metrics_by_step.items():
         print(f"step {step:>6}: em_rate={m.get('em_rate', float('nan')):.3f} "

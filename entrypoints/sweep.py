@@ -25,7 +25,7 @@ def _sweep(argv: list[str]) -> int:
         from em_core.paths import PROJECT_ROOT
 
         argv = ["--config", str(PROJECT_ROOT / "configs/sweep/tiny.yaml"), *argv]
-    cfg = parse_config(SweepConfig, argv)
+    cfg = parse_config(SweepConfig, argv, prog="em sweep")
     info = run_sweep(cfg)
     print(f"study={info['study']} finished_trials={info['trials']} parent_run_id={info['parent_run_id']}")
     best = info["best"]

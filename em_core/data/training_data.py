@@ -116,7 +116,9 @@ def load_jsonl(path: str | Path) -> list[dict]:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(str(path), f"not valid UTF-8 (byte {e.start})", lineno,
+                    # 1-based character column, as an editor shows it (e.start is a 0-based byte offset)
+                    col = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                    raise DataError(str(path), f"not valid UTF-8 at column {col}", lineno,
                                     hint="re-encode the file as UTF-8") from None
                 if not text.strip():
                     continue

@@ -26,6 +26,7 @@ from em_core.experiments.pipeline import (
     STEP_TAG,
     PipelineConfig,
     _as_overrides,
+    check_step_sections,
     code_version,
     run_pipeline,
     summary_of,
@@ -62,6 +63,10 @@ class GridConfig:
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
         self.pipeline_config = project_file(self.pipeline_config)
+
+    @staticmethod
+    def check_sections(path: str, data) -> None:
+        check_step_sections(path, data)
 
 
 @dataclass

@@ -119,6 +119,42 @@ class PipelineConfig:
         if self.z <= 0:
             raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
 
+    @staticmethod
+    def check_sections(path: str, data: Mapping) -> None:
+        """Keys inside `train:`/`evaluate:`/`judge:` (and each stage's `train:`) of a YAML file are
+        checked against the step's config here, so a typo names the file and section."""
+        check_step_sections(path, data)
+
+
+def _section_keys(value) -> list[str]:
+    if isinstance(value, Mapping):
+        return [str(k) for k in value]
+    if isinstance(value, (list, tuple)):
+        return [str(v).partition("=")[0].strip().lstrip("-") for v in value if "=" in str(v)]
+    return []
+
+
+def step_classes() -> dict[str, type]:
+    from em_core.judge.answers import JudgeConfig
+    from em_core.sample.evaluation import EvalConfig
+    from em_core.train.config import TrainConfig
+
+    return {"train": TrainConfig, "evaluate": EvalConfig, "judge": JudgeConfig}
+
+
+def check_step_sections(path: str, data: Mapping) -> None:
+    """ConfigError for a key under a step section of `data` (read from `path`) that the step's
+    config does not have, with the nearest valid key."""
+    from em_core.configs import check_keys
+
+    classes = step_classes()
+    for section, cls in classes.items():
+        check_keys(f"{path}: section {section}", _section_keys(data.get(section)), cls)
+    for i, st in enumerate(data.get("stages") or [], start=1):
+        if isinstance(st, Mapping):
+            check_keys(f"{path}: stages[{i}] ({st.get('name')}) section train", _section_keys(st.get("train")),
+                       classes["train"])
+
 
 def _as_overrides(value, name: str) -> list[str]:
     """YAML mapping or CLI `k=v` list -> `k=v` strings (lists comma-joined, as `--overrides` takes)."""
@@ -149,12 +185,15 @@ def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id
                  model_name: str | None = None):
     """The three step configs (of `stage` in a multi-stage pipeline); parsing them all up front
     catches a typo before hours of training."""
-    from em_core.configs import parse_config
+    from em_core.configs import check_keys, parse_config
     from em_core.judge.answers import JudgeConfig
     from em_core.sample.evaluation import EvalConfig
     from em_core.train.config import TrainConfig
 
     def parse(cls, base: list[str], overrides: list[str], fixed: list[str]):
+        where = f"stage {stage.name!r} " if stage else ""
+        section = {TrainConfig: "train", EvalConfig: "evaluate", JudgeConfig: "judge"}[cls]
+        check_keys(f"pipeline {where}--{section} overrides", _section_keys(overrides), cls)
         argv = base + (["--overrides", " ".join(shlex.quote(o) for o in overrides)] if overrides else []) + fixed
         try:
             return parse_config(cls, argv)
