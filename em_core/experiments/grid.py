@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from em_core import tracking
+from em_core.tracking import dataset_label, model_label
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
@@ -28,9 +29,11 @@ from em_core.experiments.pipeline import (
     _as_overrides,
     check_step_sections,
     code_version,
+    pipeline_triples,
     run_pipeline,
     summary_of,
 )
+from em_core.experiments.preflight import preflight
 from em_core.paths import project_file
 
 log = logging.getLogger(__name__)
@@ -78,15 +81,6 @@ class Cell:
     def label(self, base: PipelineConfig) -> str:
         return f"{model_label(self.model or _base_value(base, 'model'))}/" \
                f"{dataset_label(self.dataset or _base_value(base, 'dataset'))}/seed{self.seed}"
-
-
-def model_label(model: str) -> str:
-    return str(model).rstrip("/").split("/")[-1]
-
-
-def dataset_label(dataset: str) -> str:
-    parts = [Path(d.replace("demo:", "")).name.split(".")[0] for d in str(dataset).split("+")]
-    return "+".join(parts)
 
 
 def _base_value(base: PipelineConfig, key: str) -> str:
@@ -163,6 +157,8 @@ def run_grid(cfg: GridConfig) -> dict:
             print(mlflow_run_command(cfg, pcfg))
         print("# then: em grid --config <this grid> --summarize_only true")
         return {"commands": len(todo)}
+    if not cfg.summarize_only:  # every cell's keys, questions, data and models, before the first cell runs
+        preflight([t for _, pcfg in todo for t in pipeline_triples(pcfg)], what="grid")
     tracking.configure_tracking()
     code = code_version()
     tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code}

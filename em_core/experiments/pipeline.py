@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from em_core import tracking
 from em_core.errors import ConfigError, EmLabError
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
+from em_core.experiments.preflight import preflight
 from em_core.paths import PROJECT_ROOT, project_file
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class PipelineConfig:
     stages: list[str] | None = field(default=None, metadata={
         "help": "YAML only: a list of training stages run in order (name, train_config, train, init_mode, alias); "
                 "see docs/stages.md"})
+    verified_alias: str = field(default="judged", metadata={
+        "help": "registry alias the (last stage's) model version gets once the whole pipeline FINISHED: "
+                "trained, every checkpoint sampled and judged; empty for none"})
     grid: str | None = field(default=None, metadata={"help": "grid name (set by `em grid`)"})
     grid_cell: str | None = field(default=None, metadata={"help": "model/dataset/seed label (set by `em grid`)"})
     experiment_name: str = "em-lab"
@@ -118,6 +122,9 @@ class PipelineConfig:
         self.stages = _as_stages(self.stages)
         if self.z <= 0:
             raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
+        if self.verified_alias and not _ALIAS.match(self.verified_alias):
+            raise ConfigError(f"verified_alias: {self.verified_alias!r} cannot be a registry alias; "
+                              "use letters, digits, - and _")
 
     @staticmethod
     def check_sections(path: str, data: Mapping) -> None:
@@ -273,6 +280,7 @@ class PipelineResult:
     emergence_step: int | None
     smoke_test: bool
     report_uri: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> models:/name@alias, set at the end
     stages: list = field(default_factory=list)  # StageResult per stage (one unnamed stage without `stages`)
 
 
@@ -291,8 +299,10 @@ def _run_step(name: str, kind: str, step_cfg, identity: dict[str, str], ctx: dic
     child_tags = {STEP_TAG: kind, "em.pipeline_run_id": ctx["parent"]}
     if "/" in name:
         child_tags["em.stage"] = name.split("/")[0]
+    # e.g. `misaligned/train-tiny-plant_care_bad-3f9a1c`: the step, what it ran on, the pipeline's short id
+    run_name = tracking.descriptive_name(name, *ctx["label"], sid=ctx["sid"])
     try:
-        with tracking.child_runs(ctx["parent"], child_tags):
+        with tracking.child_runs(ctx["parent"], child_tags, run_name=run_name):
             run_id = run()
     except BaseException as e:
         mlflow.set_tag("em.failed_step", name)
@@ -376,8 +386,11 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         common = {"stage": stage, "stage_index": i, "previous_train_run_id": previous, "model_name": model_name}
         ids: dict[str, str] = {}
         train_cfg, _, _ = step_configs(cfg, **common)
+        ctx["label"] = (tracking.model_label(train_cfg.model), tracking.dataset_label(train_cfg.dataset))
         ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, identity_params(train_cfg, code), ctx,
-                                 lambda: train(train_cfg).run_id)
+                                 lambda: train(train_cfg, set_alias=False).run_id)
+        if train_cfg.register_model and train_cfg.registry_alias:  # set once the whole pipeline finished
+            ctx["aliases"].append((ids["train"], train_cfg.registry_alias))
         _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"], **common)
         ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
                                     lambda: evaluate(eval_cfg).run_id)
@@ -395,6 +408,11 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
     return results, dict(sorted(by_step.items()))
 
 
+def pipeline_triples(cfg: PipelineConfig) -> list[tuple]:
+    """(train, evaluate, judge) configs of every stage, with placeholders for run ids not yet known."""
+    return [step_configs(cfg, stage=stage, stage_index=i) for i, stage in enumerate(cfg.stages or [None])]
+
+
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Run (or reuse) train, evaluate and judge -- once, or once per stage -- under one parent
     run; then metrics, plots, report."""
@@ -405,16 +423,21 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from em_core.judge.answers import SMOKE_TEST_NOTE
 
     stages = cfg.stages or [None]
-    for i, stage in enumerate(stages):  # validate every step of every stage before any work
-        _, _, judge_cfg = step_configs(cfg, stage=stage, stage_index=i)
-    smoke = judge_cfg.smoke_test()
+    # every step of every stage, its keys, questions, data, models and the store: before any run exists
+    triples = pipeline_triples(cfg)
+    preflight(triples)
+    smoke = triples[-1][2].smoke_test()
     code = code_version()
     tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
             "em.judge_smoke_test": str(smoke).lower()}
     if cfg.grid:
         tags.update({"em.grid": cfg.grid, "em.grid_cell": cfg.grid_cell or ""})
     tracking.configure_tracking()
-    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as parent:
+    sid = tracking.short_id()  # shared by the pipeline run and its steps' runs
+    first = triples[0][0]
+    run_name = cfg.run_name or tracking.descriptive_name(
+        "pipeline", tracking.model_label(first.model), tracking.dataset_label(first.dataset), sid=sid)
+    with tracking.tracked_run(cfg.experiment_name, run_name, tags=tags) as parent:
         pid = parent.info.run_id
         exp_id = parent.info.experiment_id
         cfg.experiment_name = mlflow.get_experiment(exp_id).name  # `mlflow run --experiment-name` wins
@@ -425,7 +448,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
         mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
         tracking.log_params("pipeline", asdict(cfg))
-        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
+        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": [], "aliases": [],
+               "sid": sid, "label": ()}
         stage_results, by_step = _run_stages(cfg, ctx, code)
         ids = {f"{st.name}/{k}" if cfg.stages else k: v for st in stage_results for k, v in st.run_ids.items()}
         if cfg.stages:
@@ -458,7 +482,25 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             from em_core.analysis.report import publish
 
             result.report_uri = publish(pid)
+    # Only now, with the pipeline run FINISHED, do aliases move: a failed step leaves them alone.
+    last_train = stage_results[-1].run_ids["train"]
+    pending = ctx["aliases"] + ([(last_train, cfg.verified_alias)] if cfg.verified_alias else [])
+    result.aliases = _point_aliases(pending)
     return result
+
+
+def _point_aliases(pending: list[tuple[str, str]]) -> dict[str, str]:
+    """Set each (training run id, alias) on the model version that run registered; returns
+    alias -> `models:/name@alias`."""
+    from em_core.models.adapters import registered_version_of_run
+    from em_core.models.registry import set_alias
+
+    out = {}
+    for run_id, alias in pending:
+        found = registered_version_of_run(run_id)
+        if found:
+            out[alias] = set_alias(found[0], found[1], alias)
+    return out
 
 
 def _stage_summary(st: StageResult) -> dict:

@@ -30,8 +30,10 @@ from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     PipelineConfig,
     _as_overrides,
+    pipeline_triples,
     step_configs,
 )
+from em_core.experiments.preflight import preflight
 from em_core.paths import mlruns_dir, project_file
 
 log = logging.getLogger(__name__)
@@ -336,7 +338,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from em_core.train.training import train
 
     base = _base_pipeline(cfg)
-    step_configs(base)  # a typo in any override fails here, before a study or run exists
+    # a typo, missing key, bad question file or dataset fails here, before a study or run exists
+    preflight(pipeline_triples(base), what="sweep")
     tracking.configure_tracking()
     study = make_study(cfg)
     name = cfg.registered_model_name or f"em-sweep-{cfg.study_name}"

@@ -256,8 +256,10 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
         tags["em.eval_run_id"] = cfg.eval_run_id
     if train_run_id:
         tags["em.train_run_id"] = train_run_id
+    name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
+        "judge", tracking.model_label(judge.model))
     try:
-        with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as run:
+        with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(cfg.experiment_name, name, tags=tags) as run:
             if run is not None:
                 tracking.log_params("judge", {**asdict(cfg), "backend": backend, "judge_model": judge.model,
                                               "base_url": safe_url(cfg.base_url)})

@@ -54,6 +54,17 @@ def register_adapter(peft_model, tokenizer, name: str, alias: str | None, base_m
     return RegisteredAdapter(name, version, alias, uri)
 
 
+def set_alias(name: str, version: str, alias: str) -> str:
+    """Point `models:/name@alias` at `version`; called only once the run (or pipeline) that
+    produced it has FINISHED, so an alias never names the output of a failed run."""
+    from mlflow import MlflowClient
+
+    configure_tracking()
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("alias %s -> %s version %s", alias, name, version)
+    return f"models:/{name}@{alias}"
+
+
 def load_registered(uri: str):
     """(model, tokenizer) from `models:/name@alias`, `models:/name/version` or `runs:/id/model`."""
     import mlflow

@@ -253,6 +253,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         base, targets, tags = resolve_targets(cfg, Path(tmp))
         if run is not None:
             mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
+            if not (cfg.run_name or tracking.child_run_name()):  # named once the model is known
+                mlflow.set_tag("mlflow.runName", tracking.descriptive_name("evaluate", tracking.model_label(base)))
             tracking.log_params("eval", {**asdict(cfg), "n_prompts": len(plan.prompts)})
         gen = generator_for(cfg, base, merged_of(tags))
         all_rows: list[dict] = []

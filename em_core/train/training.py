@@ -29,7 +29,7 @@ from em_core.models.loading import (
 from em_core.paths import PROJECT_ROOT
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
-from em_core.train.records import CONFIG_ARTIFACT, TrainResult, log_dataset
+from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
 
 log = logging.getLogger(__name__)
 class MlflowMetrics(TrainerCallback):
@@ -216,12 +216,15 @@ def _lineage_tags(stage_tags: dict[str, str]) -> dict[str, str]:
     return {names[k]: v for k, v in stage_tags.items() if k in names}
 
 
-def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
-    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids."""
+def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool = True) -> TrainResult:
+    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids.
+
+    The registered version gets `cfg.registry_alias` only after the run has FINISHED; with
+    `set_alias=False` (a pipeline) the caller sets it when everything it verifies has finished."""
     if cfg.backend == "openai":  # the job runs at OpenAI; see em_core/train/openai_backend.py
         from em_core.train.openai_backend import train_openai
 
-        return train_openai(cfg)
+        return train_openai(cfg, set_alias=set_alias)
     import mlflow
     from datasets import Dataset
     from trl import SFTTrainer
@@ -240,7 +243,9 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
     eval_rows, _ = _to_trl_rows(data.eval, tokenizer) if data.eval else ([], False)
 
     tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name}
-    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
+    name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
+        "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
+    with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
         output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
         resume_from = None
@@ -291,9 +296,10 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                 from em_core.models.registry import register_adapter
 
                 name = cfg.registered_model_name or cfg.default_model_name()
-                info = register_adapter(trainer.model, tokenizer, name=name, alias=cfg.registry_alias,
+                info = register_adapter(trainer.model, tokenizer, name=name, alias=None,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
                                               "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
-    return result
+                result.registry_alias = cfg.registry_alias or None
+    return finish_registration(result, set_alias)

@@ -192,3 +192,35 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     assert judge.info.run_id != newest.info.run_id
     assert judge.data.tags["mlflow.parentRunId"] == newest.info.run_id and judge.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "em_rate")) == 4
+
+
+def test_alias_moves_only_when_the_pipeline_finishes_and_runs_have_descriptive_names(first, tmp_path):
+    result, cfg_path, _ = first
+    client = mlflow.MlflowClient()
+    before = {a: client.get_model_version_by_alias("em-pipe-test", a) for a in ("final", "judged")}
+    assert before["final"].version == before["judged"].version  # a finished pipeline set both
+    # a new training run whose pipeline then fails at the judge
+    argv = ["--config", str(cfg_path), "--report", "false", "--train", "seed=7", "--judge",
+            "backend=openai-compatible", "base_url=http://127.0.0.1:9/v1", "judge_model=nobody",
+            "max_retries=0", "timeout=2", f"cache_path={tmp_path / 'c.sqlite'}"]
+    with pytest.raises(StepFailed, match="'judge'"):
+        run_pipeline(parse_config(PipelineConfig, argv))
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    failed = client.search_runs([exp], "tags.`em.failed_step` = 'judge' and params.`pipeline.train` LIKE '%seed=7%'")[0]
+    new_train = client.search_runs([exp], f"tags.mlflow.parentRunId = '{failed.info.run_id}' "
+                                          "and tags.`em.pipeline_step` = 'train'")[0]
+    new_version = client.search_model_versions(f"run_id = '{new_train.info.run_id}'")[0]
+    assert new_version.aliases == []  # registered, but no alias: its pipeline did not finish
+    for alias, mv in before.items():
+        assert client.get_model_version_by_alias("em-pipe-test", alias).version == mv.version
+    # every run is named for what it is (step, model, dataset) plus its pipeline's short id
+    names = {}
+    for parent_id in (result.run_id, failed.info.run_id):
+        parent = client.get_run(parent_id)
+        sid = parent.info.run_name.rsplit("-", 1)[1]
+        assert parent.info.run_name == f"pipeline-tiny-plant_care_bad-{sid}" and len(sid) == 6
+        for child in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            step = child.data.tags["em.pipeline_step"]
+            assert child.info.run_name == f"{step}-tiny-plant_care_bad-{sid}"
+            names[(parent_id, step)] = child.info.run_name
+    assert len(set(names.values())) == len(names) == 6
