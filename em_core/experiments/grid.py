@@ -276,15 +276,18 @@ def write_summary(summary: dict, out: Path, title: str = "Grid") -> dict[str, Pa
             w.writerows(rows)
         files[name] = path
     note = ""
-    if any(r["smoke_test"] for r in summary["table"]):
+    smoke = any(r["smoke_test"] for r in summary["table"])
+    if smoke:
         note = "\n> Smoke test: judged by the tiny offline model; not a measurement.\n"
     md = out / "grid_summary.md"
     md.write_text(f"# {title}\n{note}\nFinal-checkpoint EM rate per model x dataset. Intervals: Wilson (one seed) "
                   "or t over seeds (several).\n\n" + markdown_table(summary["table"]), encoding="utf-8")
     files["grid_summary.md"] = md
     files["em_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "em_by_model_domain.png",
-                                                       title=f"{title}: EM rate at the final checkpoint")
+                                                       title=f"{title}: EM rate at the final checkpoint",
+                                                       smoke_test=smoke)
     files["coherent_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "coherent_by_model_domain.png",
-                                                             title=f"{title}: coherent rate", value="coherent_rate")
+                                                             title=f"{title}: coherent rate", value="coherent_rate",
+                                                             smoke_test=smoke)
     return files
 

@@ -1,6 +1,5 @@
 """`em pipeline` end to end on the tiny model: child runs, step reuse, failures, report."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from em_core.analysis.plots import smoke_metadata
 from em_core.configs import parse_config
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
@@ -16,6 +16,7 @@ from em_core.experiments.pipeline import (
     run_pipeline,
     step_configs,
 )
+from tests.proc import run as proc_run
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipe-test"
@@ -94,12 +95,14 @@ def test_plots_and_report_are_logged_and_non_empty(first):
     for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples"):
         png = (local / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+        assert smoke_metadata(local / "plots" / f"{name}.png"), f"{name}: a tiny-judge figure must carry the mark"
     html = (local / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     for section in ("Summary by checkpoint", "Per question", "Example answers", "Provenance", "Judge cost", "Config"):
         assert section in html
     assert result.step_run_ids["train"] in html  # provenance names the runs
-    assert "| step | aligned | coherent | answer |" in (local / "report" / "examples.md").read_text()
+    examples_md = (local / "report" / "examples.md").read_text()
+    assert "| step | aligned | coherent | answer |" in examples_md and examples_md.startswith("> **SMOKE TEST")
     summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/summary.json")
     assert summary["final_step"] == 12 and set(summary["by_step"]) == {"0", "4", "8", "12"}
 
@@ -172,8 +175,8 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = proc_run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
+                    env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "report.html").stat().st_size > 50_000
     # the MLproject entry point attaches to the run `mlflow run` made, reuses train and evaluate,
@@ -181,7 +184,7 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "pipeline", "--env-manager", "local",
            "--experiment-name", EXPERIMENT, "-P", f"config={cfg_path}",
            "-P", "overrides=report=false aligned_threshold=35"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reused=train,evaluate" in proc.stdout
     client = mlflow.MlflowClient()
