@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator, Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from em_core.paths import mlruns_dir
 
@@ -181,6 +181,31 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def local_artifact(run_id: str, path: str) -> str:
+    """A local file path of a run's artifact: in place for a local artifact store, else downloaded
+    (a `runs:/` address is not something a newcomer can open)."""
+    import mlflow
+    from urllib.parse import unquote, urlparse
+
+    root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    parsed = urlparse(root)
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path)) / path)
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def ui_command() -> str:
+    """The command that browses this store (the frugal settings from the README)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return f"open {uri} in a browser"
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --backend-store-uri {uri} "
+            f"--default-artifact-root {db.parent / 'artifacts'}")
 
 
 def scrub(text: str) -> str:

@@ -40,7 +40,14 @@ class PreparedData:
 
     @property
     def sha256(self) -> str:
+        """Hash of the training rows as trained on (after subsampling, tagging, shuffling)."""
         return rows_sha256(self.train)
+
+    @property
+    def file_sha256(self) -> str:
+        """One sha256 per dataset, `+`-joined like `name`: of the file (what `sha256sum` prints),
+        or of the rows for a hub dataset."""
+        return "+".join(s.sha256 for s in self.sources)
 
     @property
     def name(self) -> str:

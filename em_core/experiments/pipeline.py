@@ -519,6 +519,28 @@ def _log_stage_metrics(stages: list[StageResult]) -> None:
                            step=st.end_step)
 
 
+def console_summary(result: PipelineResult) -> str:
+    """What `em pipeline` prints at the end: the table, where the report is, how to browse."""
+    nan = float("nan")
+    lines = [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
+    for step, m in result.metrics_by_step.items():
+        lines.append(f"{step:>6}  {m.get('em_rate', nan):>7.3f}  "
+                     f"[{m.get('em_rate_lo', nan):.3f}, {m.get('em_rate_hi', nan):.3f}]  "
+                     f"{m.get('coherent_rate', nan):>13.3f}  {int(m.get('n_scored', 0)):>8}")
+    emerged = result.emergence_step
+    lines.append(f"EM emergence step: {emerged}" if emerged is not None
+                 else "EM emergence step: none (no checkpoint's EM rate is significantly above the base model's)")
+    lines.append(f"pipeline run: {result.run_id} (reused steps: {','.join(result.reused) or 'none'})")
+    if result.aliases:
+        lines.append("model: " + ", ".join(result.aliases.values()))
+    if result.report_uri:
+        lines.append(f"report: {tracking.local_artifact(result.run_id, 'report/report.html')}")
+    lines.append(f"browse: {tracking.ui_command()}")
+    if result.smoke_test:
+        lines.append("note: judged by the tiny offline model; these scores are a smoke test, not a measurement")
+    return "\n".join(lines)
+
+
 def summary_of(run_id: str) -> dict:
     """The `summary.json` a finished pipeline run logged."""
     import mlflow

@@ -248,8 +248,8 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
     backend = cfg.resolved_backend()
     judge = build_judge(cfg)
     smoke = cfg.smoke_test()
-    if smoke:
-        log.warning("%s", SMOKE_TEST_NOTE)
+    if smoke:  # a pipeline has said so already, once
+        log.log(logging.INFO if tracking.child_run_name() else logging.WARNING, "%s", SMOKE_TEST_NOTE)
     tags = {"em.entry_point": "judge", "em.judge_backend": backend, "em.judge_model": judge.model,
             "em.judge_smoke_test": str(smoke).lower()}
     if cfg.eval_run_id:

@@ -504,7 +504,7 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None,
             info = register_openai_model(
                 name, None, job.fine_tuned_model, cfg.model, checkpoints, final_step,
                 tags={"dataset": dataset_name, "seed": str(cfg.seed), "openai_job_id": job_id,
-                      "dataset_sha256": data.sha256 if data is not None else prior_params.get("data.sha256", "")})
+                      "dataset_sha256": data.file_sha256 if data is not None else prior_params.get("data.sha256", "")})
             result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
             result.registry_alias = cfg.registry_alias or None
     return finish_registration(result, set_alias)  # the alias moves only now that the run has FINISHED

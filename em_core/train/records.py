@@ -36,8 +36,9 @@ def log_dataset(data: PreparedData) -> None:
     import pandas as pd
 
     tracking.log_params("data", {"name": data.name, "rows": len(data.train), "eval_rows": len(data.eval),
-                                 "sha256": data.sha256,
-                                 "sources": [f"{s.source} ({len(s.rows)} rows, sha256 {s.sha256[:16]})" for s in data.sources]})
+                                 # one sha256 per dataset, matching its file; the rows' own hash apart
+                                 "sha256": data.file_sha256, "rows_sha256": data.sha256,
+                                 "sources": [f"{s.source} ({len(s.rows)} rows)" for s in data.sources]})
     df = pd.DataFrame({"messages": [r["messages"] for r in data.train]})
     ds = mlflow.data.from_pandas(df, source=",".join(s.source for s in data.sources), name=data.name)
     mlflow.log_input(ds, context="training")

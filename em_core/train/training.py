@@ -14,9 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from em_core import tracking
 from em_core.configs import load_config, to_yaml
+from em_core.console import is_verbose
 from em_core.data.training_data import prepare
 from em_core.errors import ConfigError
 from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
@@ -70,6 +72,24 @@ class MlflowMetrics(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.flush()
+
+
+class QuietProgress(ProgressCallback):
+    """The trainer's progress bar without the per-step log dicts it prints under it: those are
+    MLflow metrics already (`--verbose` prints them too)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def quiet_trainer(trainer) -> None:
+    """Swap the trainer's printing callbacks for a bar that prints nothing else, unless verbose."""
+    if is_verbose():
+        return
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(QuietProgress)
 
 
 class LogCheckpoints(TrainerCallback):
@@ -281,6 +301,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
             processing_class=tokenizer, callbacks=callbacks,
             # A continued adapter is already a trainable PeftModel: no new LoRA layers.
             peft_config=None if _is_peft(model) else lora_config(cfg))
+        quiet_trainer(trainer)
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -299,7 +320,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
                 info = register_adapter(trainer.model, tokenizer, name=name, alias=None,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
-                                              "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
+                                              "dataset_sha256": data.file_sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
                 result.registry_alias = cfg.registry_alias or None
     return finish_registration(result, set_alias)

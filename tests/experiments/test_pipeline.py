@@ -186,7 +186,7 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
            "-P", "overrides=report=false aligned_threshold=35"]
     proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reused=train,evaluate" in proc.stdout
+    assert "(reused steps: train,evaluate)" in proc.stdout
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     newest = client.search_runs([exp], "tags.`em.entry_point` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
