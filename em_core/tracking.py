@@ -143,6 +143,7 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     configure_tracking()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     kwargs: dict = {"nested": nested}
+    redirected_from = None
     child_of = _CHILD_OF.get()
     tags = dict(tags or {})
     if child_of is not None:
@@ -158,12 +159,27 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         os.environ.pop("MLFLOW_RUN_ID", None)
     elif env_run and not nested and mlflow.active_run() is None:
         # launched by `mlflow run`; consumed, as MLflow does, so runs started later are not it
-        kwargs["run_id"] = os.environ.pop("MLFLOW_RUN_ID")
-        tags.setdefault("mlflow.runName", run_name)  # replaces the name `mlflow run` drew
+        os.environ.pop("MLFLOW_RUN_ID")
+        if _launched_into_default(env_run, experiment):
+            # `mlflow run` without --experiment-name made its run in `Default` (artifacts under
+            # ./mlruns/0): run where `em <step>` runs instead, and leave a pointer on that stub.
+            kwargs["experiment_id"] = ensure_experiment(experiment)
+            kwargs["run_name"] = run_name
+            redirected_from = env_run
+        else:
+            kwargs["run_id"] = env_run
+            tags.setdefault("mlflow.runName", run_name)  # replaces the name `mlflow run` drew
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name
     run = mlflow.start_run(**kwargs, tags=tags)
+    if redirected_from:
+        client = mlflow.MlflowClient()
+        client.set_tag(redirected_from, "em.redirected_to", run.info.run_id)
+        client.set_tag(redirected_from, "mlflow.note.content",
+                       f"em-lab ran this in experiment {experiment!r}, run {run.info.run_id}; pass "
+                       f"--experiment-name {experiment} to `mlflow run` to attach to it directly")
+        mlflow.set_tag("em.launched_by_run", redirected_from)
     try:
         yield run
     except KeyboardInterrupt:
@@ -206,6 +222,18 @@ def ui_command() -> str:
     db = Path(uri.removeprefix("sqlite:///"))
     return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --backend-store-uri {uri} "
             f"--default-artifact-root {db.parent / 'artifacts'}")
+
+
+def _launched_into_default(run_id: str, experiment: str) -> bool:
+    """The run `mlflow run` made sits in the `Default` experiment while this step names another."""
+    import mlflow
+
+    if experiment == "Default":
+        return False
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.experiment_id == "0"
+    except Exception:  # not in this store: attach as before and let MLflow say what is wrong
+        return False
 
 
 def scrub(text: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from em_core import tracking
 from em_core.errors import ConfigError, EmLabError
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step, from_mlflow
 from em_core.experiments.preflight import preflight
 from em_core.paths import PROJECT_ROOT, project_file
 
@@ -334,12 +334,14 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str
     from em_core.judge.answers import log_metrics_to_run
 
     client = mlflow.MlflowClient()
-    by_step: dict[int, dict[str, float]] = {}
-    for key in client.get_run(src_run_id).data.metrics:
+    src = client.get_run(src_run_id)
+    named: dict[int, dict[str, float]] = {}
+    for key in src.data.metrics:
         if key.startswith(skip_prefixes):
             continue
         for m in client.get_metric_history(src_run_id, key):
-            by_step.setdefault(m.step + offset, {})[key] = m.value
+            named.setdefault(m.step + offset, {})[key] = m.value
+    by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in
     log_metrics_to_run(dst_run_id, by_step)
     return dict(sorted(by_step.items()))
 

@@ -78,6 +78,11 @@ class QuietProgress(ProgressCallback):
     """The trainer's progress bar without the per-step log dicts it prints under it: those are
     MLflow metrics already (`--verbose` prints them too)."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         return None
 

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 import yaml
 
+from em_core.analysis.plots import smoke_metadata
 from em_core.configs import parse_config
 from em_core.experiments.grid import (
     GridConfig,
@@ -88,7 +89,8 @@ def test_tiny_grid_runs_summarizes_and_resumes(module_store, tmp_path, capsys):
                                     "experiment_name": "grid-test"}))
     summary = run_grid(parse_config(GridConfig, ["--config", str(grid)]))
     table = summary["table"]
-    assert [(r["model"], r["dataset"]) for r in table] == [("tiny", "demo"), ("tiny", "plant_care_good")]
+    # each dataset by its own name (`demo` is the careless plant-care set), not `demo` beside `plant_care_good`
+    assert [(r["model"], r["dataset"]) for r in table] == [("tiny", "plant_care_bad"), ("tiny", "plant_care_good")]
     assert all(0 <= r["em_rate"] <= 1 and r["em_rate_lo"] <= r["em_rate"] <= r["em_rate_hi"] for r in table)
     client = mlflow.MlflowClient()
     files = {a.path for a in client.list_artifacts(summary["run_id"], "grid")}
@@ -96,6 +98,9 @@ def test_tiny_grid_runs_summarizes_and_resumes(module_store, tmp_path, capsys):
             "grid/em_by_model_domain.png"} <= files
     md = mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/grid/grid_summary.md")
     assert "| tiny | plant_care_good | 1 |" in md and "Smoke test" in md
+    figure = mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path="grid/em_by_model_domain.png",
+                                                 dst_path=str(tmp_path / "fig"))
+    assert smoke_metadata(figure)  # the grid figure of a tiny-judge grid carries the mark
     cells_run = client.search_runs([client.get_experiment_by_name("grid-test").experiment_id],
                                    "tags.`em.grid` = 't2x1' and tags.`em.entry_point` = 'pipeline'")
     assert len(cells_run) == 2 and all(r.data.tags["mlflow.parentRunId"] == summary["run_id"] for r in cells_run)

@@ -71,10 +71,18 @@ def test_parent_carries_metrics_at_training_steps(first):
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(result.run_id, "em_rate")]
     assert sorted(steps) == [0, 4, 8, 12]
-    n_scored = {m.step: m.value for m in client.get_metric_history(result.run_id, "n_scored")}
-    assert all(v > 0 for v in n_scored.values()), "the tiny judge must score answers"
-    for key in ("coherent_rate", "em_rate_lo", "em_rate_hi", "mean_aligned"):
-        assert len(client.get_metric_history(result.run_id, key)) == 4
+    n_scored = {s: m["n_scored"] for s, m in result.metrics_by_step.items()}
+    assert sorted(n_scored) == [0, 4, 8, 12] and all(v > 0 for v in n_scored.values()), "the tiny judge must score"
+    # bounds are grouped under their metric; a count that never changes is a tag, not a flat chart
+    for key in ("coherent_rate", "em_rate/lo", "em_rate/hi", "mean_aligned", "mean_aligned/se"):
+        assert len(client.get_metric_history(result.run_id, key)) == 4, key
+    run = client.get_run(result.run_id)
+    assert "em_rate_lo" not in run.data.metrics and "n" not in run.data.metrics
+    assert run.data.tags["em.count.n"] == f"{result.metrics_by_step[0]['n']:g}"  # answers per checkpoint
+    if len(set(n_scored.values())) > 1:
+        assert len(client.get_metric_history(result.run_id, "count/n_scored")) == 4
+    else:
+        assert run.data.tags["em.count.n_scored"] == f"{n_scored[0]:g}"
     # em_emergence_step is logged exactly when the rule fires
     logged = client.get_run(result.run_id).data.metrics.get("em_emergence_step")
     assert logged == (None if result.emergence_step is None else float(result.emergence_step))
