@@ -48,6 +48,7 @@ def setup_logging(level: int = logging.INFO, verbose: bool | None = None) -> Non
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow resets its logger on import
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Tokenizing ..." bars per step
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
         warnings.simplefilter("ignore")  # deprecation notices of libraries, not the user's problem
     for h in logging.getLogger().handlers:
         h.addFilter(_ScrubSecrets())
