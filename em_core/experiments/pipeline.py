@@ -326,9 +326,10 @@ def _empty_cuda_cache() -> None:
         pass
 
 
-def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str, ...] = ("judge/",),
+def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tuple[str, ...] = ("judge/",),
                       offset: int = 0) -> dict[int, dict[str, float]]:
-    """Copy every step-indexed metric of `src` onto `dst` at step + `offset`; returns {step: {key: value}}."""
+    """Copy every step-indexed metric of `src` onto `dst` (None: only read) at step + `offset`;
+    returns {step: {key: value}} with summarize() keys."""
     import mlflow
 
     from em_core.judge.answers import log_metrics_to_run
@@ -342,7 +343,8 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str
         for m in client.get_metric_history(src_run_id, key):
             named.setdefault(m.step + offset, {})[key] = m.value
     by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in
-    log_metrics_to_run(dst_run_id, by_step)
+    if dst_run_id:
+        log_metrics_to_run(dst_run_id, by_step)
     return dict(sorted(by_step.items()))
 
 
@@ -372,7 +374,7 @@ def _final_step(train_run_id: str) -> int:
 
 def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageResult], dict[int, dict[str, float]]]:
     """Each stage's train -> evaluate -> judge; metrics copied to the parent at global steps."""
-    from em_core.judge.answers import run_judge
+    from em_core.judge.answers import log_metrics_to_run, run_judge
     from em_core.sample.evaluation import evaluate
     from em_core.train.training import train
 
@@ -400,13 +402,15 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         ids["judge"] = _run_step(f"{prefix}judge", "judge", judge_cfg,
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
-        stage_steps = copy_step_metrics(ids["judge"], ctx["parent"], offset=offset)
+        stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
         by_step.update(stage_steps)
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
         results.append(StageResult(stage.name if stage else "train", (stage.alias or stage.name) if stage else "",
                                    offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before))
         previous, offset = ids["train"], end
+    # once, over all stages: a count is a tag only if it is the same at every step of every stage
+    log_metrics_to_run(ctx["parent"], by_step)
     return results, dict(sorted(by_step.items()))
 
 
