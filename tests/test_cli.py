@@ -47,7 +47,7 @@ def test_mlflow_run_train_entry_point_offline(tmp_path, mlflow_store):
     assert run.info.run_name.startswith("train-tiny-plant_care_bad-")
     (stub,) = client.search_runs(["0"])  # the run `mlflow run` made points at it
     assert stub.data.tags["em.redirected_to"] == run.info.run_id and stub.info.status == "FINISHED"
-    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "mlruns" / "0").exists()  # nothing under the Default experiment's ./mlruns/0
     assert run.data.params["train.max_steps"] == "6" and run.data.params["train.model"] == "tiny"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "checkpoint_step")] == [3, 6]
     assert client.get_model_version_by_alias("em-cli-test", "final").run_id == run.info.run_id
