@@ -52,7 +52,7 @@ def test_one_seed_keeps_the_wilson_interval_and_markdown_shows_it():
     (row,) = out["table"]
     assert 0 < row["em_rate_lo"] < 0.25 < row["em_rate_hi"] < 1
     md = markdown_table(out["table"])
-    assert "| m | demo | 1 | 25.0% [" in md and "| – | 0/1 |" in md
+    assert "| m | plant_care_bad | 1 | 25.0% [" in md and "| – | 0/1 |" in md
 
 
 def test_cells_cover_the_product_and_get_their_own_registry_names():
