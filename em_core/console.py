@@ -1,5 +1,6 @@
 """How every `em` command and entry point runs: logging with secrets scrubbed, and user errors
-turned into one clear line and exit code 2. Base layer: imports only errors and tracking."""
+turned into one clear line and exit code 2. Base layer: imports only errors and tracking.
+SIGTERM unwinds like Ctrl-C: open runs end KILLED, exit code 143."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from em_core.errors import EmLabError
+from em_core.errors import EmLabError, Terminated, raise_on_sigterm
 from em_core.tracking import scrub
 
 
@@ -70,8 +71,12 @@ def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> i
         argv = [a for a in argv if a != "--verbose"]
         os.environ[VERBOSE_ENV] = "1"
     setup_logging()
+    raise_on_sigterm()
     try:
         return int(fn(argv) or 0)
     except EmLabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:  # open runs already ended KILLED on the way out
+        print(f"terminated: {e}", file=sys.stderr)
+        return 143
