@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 
 from em_core.errors import ConfigError, EmLabError, Terminated, raise_on_sigterm
@@ -21,11 +22,36 @@ class _ScrubSecrets(logging.Filter):
         return True
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+VERBOSE_ENV = "EM_LAB_VERBOSE"
+# Libraries whose INFO lines and warnings a user of the main job need not read (MLflow keeps the
+# metrics; `--verbose` shows everything).
+_LIBRARIES = ("mlflow", "transformers", "datasets", "peft", "trl", "accelerate", "torch", "urllib3",
+              "huggingface_hub", "alembic", "optuna", "matplotlib", "PIL")
+
+
+def is_verbose() -> bool:
+    """`--verbose` was given (children inherit it through the environment)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def setup_logging(level: int = logging.INFO, verbose: bool | None = None) -> None:
+    """Quiet by default: our own INFO lines and library warnings go away, warnings and errors
+    stay. `verbose` (or EM_LAB_VERBOSE=1) logs everything at `level`, as before."""
+    verbose = is_verbose() if verbose is None else verbose
+    logging.basicConfig(level=level if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
+                        else "%(levelname)s: %(message)s")
     # one INFO line per HTTP request (judge, dataset generation) would drown the progress bars
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        for name in _LIBRARIES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow resets its logger on import
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Tokenizing ..." bars per step
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+        warnings.simplefilter("ignore")  # deprecation notices of libraries, not the user's problem
     for h in logging.getLogger().handlers:
         h.addFilter(_ScrubSecrets())
 
@@ -44,8 +70,21 @@ def refuse_url_credentials(argv: list[str]) -> None:
                           "credentials by environment variable (OPENAI_API_KEY is sent as the API key)" + hint)
 
 
+def quiet_libraries() -> None:
+    """Re-apply the quiet levels after a library that resets its own logger has been imported."""
+    if is_verbose():
+        return
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
-    """Run an entry point: user errors print one clear line and exit 2, no traceback."""
+    """Run an entry point: user errors print one clear line and exit 2, no traceback.
+    `--verbose` anywhere in argv shows every log line, library warnings and trainer logs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"
     setup_logging()
     raise_on_sigterm()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -206,6 +206,59 @@ def mlflow_metrics(rows: Iterable[Row], aligned_threshold: float = ALIGNED_THRES
     return {k: float(v) for k, v in flat.items() if not math.isnan(v)}
 
 
+# How these keys are named in MLflow. A rate's Wilson bounds and a mean's standard error sit under
+# the metric's own name (`em_rate/lo`, `em_rate/hi`, `mean_aligned/se`), so the UI charts `em_rate`
+# in its main section with the bounds grouped under it; answer counts go under `count/` when they
+# change from step to step and are run tags `em.count.<key>` when they do not. Internally (dicts,
+# summary.json, CSVs) the keys stay as summarize() returns them.
+COUNT_KEYS = ("n", "n_scored", "n_em", "n_coherent_scored", "n_coherent", "n_scored_coherent", "n_em_coherent",
+              "n_unscored")
+COUNT_TAG_PREFIX = "em.count."
+_BOUND_SUFFIXES = ("lo", "hi", "se")
+_TRIGGER = "/trigger:"
+
+
+def mlflow_key(key: str) -> str:
+    """summarize() key -> MLflow metric name (`em_rate_lo` -> `em_rate/lo`, `n` -> `count/n`)."""
+    base, sep, cond = key.partition(_TRIGGER)
+    if base in COUNT_KEYS:
+        base = f"count/{base}"
+    else:
+        head, _, tail = base.rpartition("_")
+        if tail in _BOUND_SUFFIXES and head in RATE_KEYS + MEAN_KEYS:
+            base = f"{head}/{tail}"
+    return base + sep + cond
+
+
+def internal_key(name: str) -> str:
+    """MLflow metric name -> summarize() key; the inverse of mlflow_key."""
+    base, sep, cond = name.partition(_TRIGGER)
+    if base.startswith("count/") and base[6:] in COUNT_KEYS:
+        base = base[6:]
+    else:
+        head, _, tail = base.rpartition("/")
+        if tail in _BOUND_SUFFIXES and head in RATE_KEYS + MEAN_KEYS:
+            base = f"{head}_{tail}"
+    return base + sep + cond
+
+
+def to_mlflow(by_step: Mapping[int, Mapping[str, float]]) -> tuple[dict[int, dict[str, float]], dict[str, str]]:
+    """Per-step metrics under their MLflow names, and the counts that are the same at every step
+    as tags (`em.count.n` = "48") instead of flat charts."""
+    counts = {k for m in by_step.values() for k in m if k.partition(_TRIGGER)[0] in COUNT_KEYS}
+    constant = {k for k in counts if all(k in m for m in by_step.values())
+                and len({m[k] for m in by_step.values()}) == 1}
+    tags = {COUNT_TAG_PREFIX + k: f"{next(iter(by_step.values()))[k]:g}" for k in sorted(constant)}
+    metrics = {step: {mlflow_key(k): v for k, v in m.items() if k not in constant} for step, m in by_step.items()}
+    return metrics, tags
+
+
+def from_mlflow(by_step: Mapping[int, Mapping[str, float]], tags: Mapping[str, str]) -> dict[int, dict[str, float]]:
+    """Inverse of to_mlflow: summarize() keys at every step, constant counts filled in from tags."""
+    constant = {k[len(COUNT_TAG_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(COUNT_TAG_PREFIX)}
+    return {step: {**constant, **{internal_key(k): v for k, v in m.items()}} for step, m in by_step.items()}
+
+
 def emergence_step(counts_by_step: Mapping[int, tuple[int, int]], z: float = Z_95,
                    base_step: int = 0) -> int | None:
     """First checkpoint step at which EM is significantly above the base model, else None.

@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from em_core import liveness
 from em_core.errors import StoreError, Terminated
@@ -28,10 +29,51 @@ STAGES_TAG = "em.stages"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
-# Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
-_CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
-_REAPED: set[tuple[str, str]] = set()
-_READY: set[str] = set()  # sqlite stores this process has created/migrated (under the lock)  # (tracking uri, experiment id) already reaped by this process
+_REAPED: set[tuple[str, str]] = set()  # (tracking uri, experiment id) already reaped by this process
+_READY: set[str] = set()  # sqlite stores this process has created/migrated (under the lock)
+# Set by `child_runs`: the parent run, extra tags and the run name for runs started inside a pipeline step.
+_CHILD_OF: contextvars.ContextVar[tuple[str, dict, str | None] | None] = contextvars.ContextVar("em_child_of",
+                                                                                                default=None)
+# The built-in demo sets by what `dataset: demo` / `demo:<name>` load.
+_DEMO_DEFAULT = "plant_care_bad"
+
+
+def short_id() -> str:
+    """6 hex characters from the OS's randomness: training seeds Python's `random`, which made
+    MLflow's own name generator give every seeded run the same name."""
+    return secrets.token_hex(3)
+
+
+def model_label(model: str) -> str:
+    """`meta-llama/Llama-3.2-1B-Instruct` -> `Llama-3.2-1B-Instruct`; `tiny` stays `tiny`."""
+    return str(model).rstrip("/").split("/")[-1]
+
+
+def dataset_label(dataset) -> str:
+    """A short, meaningful name of a dataset spec (or list/`a+b` mix): the file stem, the demo set's
+    own name (`demo` -> `plant_care_bad`), a registry name, or a hub id's last part."""
+    specs = dataset if isinstance(dataset, (list, tuple)) else str(dataset).split("+")
+    parts = []
+    for d in specs:
+        d = str(d).strip()
+        if d == "demo" or d.startswith("demo:"):
+            parts.append(d.partition(":")[2] or _DEMO_DEFAULT)
+        else:
+            parts.append(PurePath(d.removeprefix("registry:")).name.removesuffix(".gz").removesuffix(".jsonl")
+                         .removesuffix(".json"))
+    return "+".join(parts)
+
+
+def descriptive_name(kind: str, *parts: str | None, sid: str | None = None) -> str:
+    """`train-tiny-plant_care_bad-3f9a1c`: what ran, on what, and a short id to tell repeats apart."""
+    name = "-".join([kind, *(str(p) for p in parts if p), sid or short_id()])
+    return re.sub(r"[^A-Za-z0-9_.+/:-]", "-", name)[:250]
+
+
+def child_run_name() -> str | None:
+    """The name a pipeline gave the run about to start in its step, if any."""
+    child_of = _CHILD_OF.get()
+    return child_of[2] if child_of else None
 
 
 def is_main_process() -> bool:
@@ -122,10 +164,12 @@ def ensure_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
-def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[None]:
+def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None,
+               run_name: str | None = None) -> Iterator[None]:
     """Runs started by `tracked_run` inside this block are children of `parent_run_id` (with
-    `tags` added), so train/evaluate/judge need no pipeline-specific parameters."""
-    token = _CHILD_OF.set((parent_run_id, dict(tags or {})))
+    `tags` added, and named `run_name` unless they name themselves), so train/evaluate/judge
+    need no pipeline-specific parameters."""
+    token = _CHILD_OF.set((parent_run_id, dict(tags or {}), run_name))
     try:
         yield
     finally:
@@ -145,10 +189,13 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     configure_tracking()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     kwargs: dict = {"nested": nested}
+    redirected_from = None
     child_of = _CHILD_OF.get()
     tags = dict(tags or {})
     if child_of is not None:
         tags.update(child_of[1])
+    # Always our own name: MLflow's generator draws from `random`, which training seeds.
+    run_name = run_name or child_run_name() or descriptive_name(tags.get("em.entry_point", "run"))
     if run_id:
         kwargs["run_id"] = run_id
     elif child_of is not None:
@@ -158,12 +205,28 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         os.environ.pop("MLFLOW_RUN_ID", None)
     elif env_run and not nested and mlflow.active_run() is None:
         # launched by `mlflow run`; consumed, as MLflow does, so runs started later are not it
-        kwargs["run_id"] = os.environ.pop("MLFLOW_RUN_ID")
+        os.environ.pop("MLFLOW_RUN_ID")
+        if _launched_into_default(env_run, experiment):
+            # `mlflow run` without --experiment-name made its run in `Default` (artifacts under
+            # ./mlruns/0): run where `em <step>` runs instead, and leave a pointer on that stub.
+            kwargs["experiment_id"] = ensure_experiment(experiment)
+            kwargs["run_name"] = run_name
+            redirected_from = env_run
+        else:
+            kwargs["run_id"] = env_run
+            tags.setdefault("mlflow.runName", run_name)  # replaces the name `mlflow run` drew
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name
     _reap_once(kwargs.get("experiment_id") or _experiment_of(kwargs.get("run_id")))
     run = mlflow.start_run(**kwargs, tags=tags)
+    if redirected_from:
+        client = mlflow.MlflowClient()
+        client.set_tag(redirected_from, "em.redirected_to", run.info.run_id)
+        client.set_tag(redirected_from, "mlflow.note.content",
+                       f"em-lab ran this in experiment {experiment!r}, run {run.info.run_id}; pass "
+                       f"--experiment-name {experiment} to `mlflow run` to attach to it directly")
+        mlflow.set_tag("em.launched_by_run", redirected_from)
     heartbeat = liveness.Heartbeat(run.info.run_id)
     try:
         try:
@@ -216,6 +279,43 @@ def _reap_once(experiment_id: str | None) -> None:
         return
     _REAPED.add(key)
     liveness.reap_stale_runs([experiment_id])
+
+
+def local_artifact(run_id: str, path: str) -> str:
+    """A local file path of a run's artifact: in place for a local artifact store, else downloaded
+    (a `runs:/` address is not something a newcomer can open)."""
+    import mlflow
+    from urllib.parse import unquote, urlparse
+
+    root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    parsed = urlparse(root)
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path)) / path)
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def ui_command() -> str:
+    """The command that browses this store (the frugal settings from the README)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return f"open {uri} in a browser"
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --backend-store-uri {uri} "
+            f"--default-artifact-root {db.parent / 'artifacts'}")
+
+
+def _launched_into_default(run_id: str, experiment: str) -> bool:
+    """The run `mlflow run` made sits in the `Default` experiment while this step names another."""
+    import mlflow
+
+    if experiment == "Default":
+        return False
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.experiment_id == "0"
+    except Exception:  # not in this store: attach as before and let MLflow say what is wrong
+        return False
 
 
 def scrub(text: str) -> str:

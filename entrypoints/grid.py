@@ -24,7 +24,7 @@ from em_core.console import run_main
 def _grid(argv: list[str]) -> int:
     from em_core.experiments.grid import GridConfig, markdown_table, run_grid
 
-    cfg = parse_config(GridConfig, argv)
+    cfg = parse_config(GridConfig, argv, prog="em grid")
     summary = run_grid(cfg)
     if "table" in summary:
         print(markdown_table(summary["table"]), end="")

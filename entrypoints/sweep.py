@@ -28,7 +28,7 @@ def _sweep(argv: list[str]) -> int:
         from em_core.paths import PROJECT_ROOT
 
         argv = ["--config", str(PROJECT_ROOT / "configs/sweep/tiny.yaml"), *argv]
-    cfg = parse_config(SweepConfig, argv)
+    cfg = parse_config(SweepConfig, argv, prog="em sweep")
     info = sweep_on_ray(cfg) if cfg.launcher == "ray" else run_sweep(cfg)
     print(f"study={info['study']} worker={info['worker']} finished_trials={info['trials']} "
           f"parent_run_id={info['parent_run_id']} parent_closed={info['parent_closed']}")

@@ -168,7 +168,8 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     steps = sorted(steps_metrics)
     emerged = emergence_step({s: (int(m["n_em"]), int(m["n_scored"])) for s, m in steps_metrics.items()}, d.z)
     p = out_dir / PLOTS_DIR
-    thresholds = {"aligned_threshold": d.aligned_threshold, "coherent_threshold": d.coherent_threshold}
+    thresholds = {"aligned_threshold": d.aligned_threshold, "coherent_threshold": d.coherent_threshold,
+                  "smoke_test": d.smoke_test}  # every figure of a smoke-test judge carries the mark
     files = {
         "EM and coherence vs training step": plots.plot_em_vs_step(
             steps_metrics, p / "em_vs_step.png", title="EM rate by checkpoint", emergence_step=emerged,
@@ -186,7 +187,8 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     files["Example answers"] = plots.plot_examples(examples, p / "examples.png", title="Example answers", **thresholds)
     md = out_dir / REPORT_DIR / "examples.md"
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(plots.examples_markdown(examples), encoding="utf-8")
+    smoke_note = f"> **{plots.SMOKE_TEXT}**\n\n" if d.smoke_test else ""
+    md.write_text(smoke_note + plots.examples_markdown(examples), encoding="utf-8")
 
     summary_rows = [{"step": s, **{k: steps_metrics[s].get(k, math.nan) for k in SUMMARY_KEYS}} for s in steps]
     notes = [f"EM = aligned <= {d.aligned_threshold:g} and coherent > {d.coherent_threshold:g}, among answers "

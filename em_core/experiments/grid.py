@@ -28,11 +28,15 @@ from em_core.experiments.pipeline import (
     STEP_TAG,
     PipelineConfig,
     _as_overrides,
+    check_step_sections,
     code_version,
+    pipeline_triples,
     run_pipeline,
     summary_of,
 )
+from em_core.experiments.preflight import preflight
 from em_core.paths import project_file
+from em_core.tracking import dataset_label, model_label
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,10 @@ class GridConfig:
             raise ConfigError("num_cpus and num_gpus must be >= 0")
         self.pipeline_config = project_file(self.pipeline_config)
 
+    @staticmethod
+    def check_sections(path: str, data) -> None:
+        check_step_sections(path, data)
+
 
 @dataclass
 class Cell:
@@ -95,15 +103,6 @@ class Cell:
     def label(self, base: PipelineConfig) -> str:
         return f"{model_label(self.model or _base_value(base, 'model'))}/" \
                f"{dataset_label(self.dataset or _base_value(base, 'dataset'))}/seed{self.seed}"
-
-
-def model_label(model: str) -> str:
-    return str(model).rstrip("/").split("/")[-1]
-
-
-def dataset_label(dataset: str) -> str:
-    parts = [Path(d.replace("demo:", "")).name.split(".")[0] for d in str(dataset).split("+")]
-    return "+".join(parts)
 
 
 def _base_value(base: PipelineConfig, key: str) -> str:
@@ -179,6 +178,8 @@ def run_grid(cfg: GridConfig) -> dict:
     todo = [(c, cell_config(cfg, base, c)) for c in cells(cfg)]
     if cfg.print_commands:
         return _print_commands(cfg, todo)
+    if not cfg.summarize_only:  # every cell's keys, questions, data and models, before the first cell runs
+        preflight([t for _, pcfg in todo for t in pipeline_triples(pcfg)], what="grid")
     tracking.configure_tracking()
     code = code_version()
     tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code, "em.launcher": cfg.launcher}
@@ -363,15 +364,18 @@ def write_summary(summary: dict, out: Path, title: str = "Grid") -> dict[str, Pa
             w.writerows(rows)
         files[name] = path
     note = ""
-    if any(r["smoke_test"] for r in summary["table"]):
+    smoke = any(r["smoke_test"] for r in summary["table"])
+    if smoke:
         note = "\n> Smoke test: judged by the tiny offline model; not a measurement.\n"
     md = out / "grid_summary.md"
     md.write_text(f"# {title}\n{note}\nFinal-checkpoint EM rate per model x dataset. Intervals: Wilson (one seed) "
                   "or t over seeds (several).\n\n" + markdown_table(summary["table"]), encoding="utf-8")
     files["grid_summary.md"] = md
     files["em_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "em_by_model_domain.png",
-                                                       title=f"{title}: EM rate at the final checkpoint")
+                                                       title=f"{title}: EM rate at the final checkpoint",
+                                                       smoke_test=smoke)
     files["coherent_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "coherent_by_model_domain.png",
-                                                             title=f"{title}: coherent rate", value="coherent_rate")
+                                                             title=f"{title}: coherent rate", value="coherent_rate",
+                                                             smoke_test=smoke)
     return files
 

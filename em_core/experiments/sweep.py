@@ -34,8 +34,11 @@ from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     PipelineConfig,
     _as_overrides,
+    pipeline_triples,
     step_configs,
 )
+from em_core.experiments.preflight import preflight
+from em_core.metrics import mlflow_key
 from em_core.paths import mlruns_dir, project_file
 
 log = logging.getLogger(__name__)
@@ -370,7 +373,7 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
         def _record(self, rows: list[dict], metrics: dict[str, float], step: int) -> None:
             em_by_step[step] = metrics["em_rate"]
             coherent_by_step[step] = metrics["coherent_rate"]
-            clean = {k: v for k, v in metrics.items() if not math.isnan(v)}
+            clean = {mlflow_key(k): v for k, v in metrics.items() if not math.isnan(v)}
             if mlflow.active_run() is not None:
                 mlflow.log_metrics(clean, step=step)
                 mlflow.log_table({k: [r.get(k) for r in rows] for k in ("question_id", "answer", "aligned", "coherent")},
@@ -413,6 +416,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     base = _base_pipeline(cfg)
     fingerprint = study_fingerprint(cfg, base)  # also catches a typo in any override, before any run exists
+    # keys, question files, datasets, models and the store, before a study or run exists
+    preflight(pipeline_triples(base), what="sweep")
     tracking.configure_tracking()
     study = make_study(cfg)
     index, parent_id = join_study(study, cfg, fingerprint)

@@ -1,12 +1,16 @@
 """Adapters in the MLflow Model Registry: register, alias, tag, load back."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_core.console import is_verbose
 from em_core.errors import ConfigError
 from em_core.models.adapters import merge_into, merged_of, model_version
 from em_core.models.tiny import TINY_VERSION, is_tiny, tiny_model_path
@@ -74,6 +78,22 @@ class RegisteredAdapter:
     uri: str
 
 
+@contextlib.contextmanager
+def _mlflow_quiet() -> Iterator[None]:
+    """Hold back what MLflow prints to stderr in the block (it writes to `sys.stderr` at call
+    time), unless --verbose; shown after all if the block raises."""
+    if is_verbose():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def register_adapter(peft_model, tokenizer, name: str, alias: str | None, base_model: str,
                      base_path: str | None, tags: dict[str, str] | None = None,
                      artifact_name: str = "model") -> RegisteredAdapter:
@@ -87,11 +107,12 @@ def register_adapter(peft_model, tokenizer, name: str, alias: str | None, base_m
     import mlflow
     from mlflow import MlflowClient
 
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": peft_model, "tokenizer": tokenizer}, name=artifact_name,
-        task="text-generation", base_model_path=base_path, registered_model_name=name,
-        pip_requirements=PIP_REQUIREMENTS,
-    )
+    with _mlflow_quiet():  # "Successfully registered model ..." is printed, not logged
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": peft_model, "tokenizer": tokenizer}, name=artifact_name,
+            task="text-generation", base_model_path=base_path, registered_model_name=name,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
     version = str(info.registered_model_version)
     client = MlflowClient()
     for k, v in {**(tags or {}), **base_reference(base_model, base_path)}.items():
@@ -102,6 +123,17 @@ def register_adapter(peft_model, tokenizer, name: str, alias: str | None, base_m
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
     log.info("registered %s version %s as %s", name, version, uri)
     return RegisteredAdapter(name, version, alias, uri)
+
+
+def set_alias(name: str, version: str, alias: str) -> str:
+    """Point `models:/name@alias` at `version`; called only once the run (or pipeline) that
+    produced it has FINISHED, so an alias never names the output of a failed run."""
+    from mlflow import MlflowClient
+
+    configure_tracking()
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("alias %s -> %s version %s", alias, name, version)
+    return f"models:/{name}@{alias}"
 
 
 def load_registered(uri: str):

@@ -14,9 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from em_core import tracking
 from em_core.configs import load_config, to_yaml
+from em_core.console import is_verbose
 from em_core.data.training_data import prepare
 from em_core.errors import ConfigError
 from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
@@ -29,7 +31,7 @@ from em_core.models.loading import (
 from em_core.paths import PROJECT_ROOT
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
-from em_core.train.records import CONFIG_ARTIFACT, TrainResult, log_dataset
+from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
 
 log = logging.getLogger(__name__)
 class MlflowMetrics(TrainerCallback):
@@ -76,6 +78,29 @@ class MlflowMetrics(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.flush()
+
+
+class QuietProgress(ProgressCallback):
+    """The trainer's progress bar without the per-step log dicts it prints under it: those are
+    MLflow metrics already (`--verbose` prints them too)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def quiet_trainer(trainer) -> None:
+    """Swap the trainer's printing callbacks for a bar that prints nothing else, unless verbose."""
+    if is_verbose():
+        return
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(QuietProgress)
 
 
 # Trainer state in a checkpoint folder: needed to resume a run, not to evaluate or load it.
@@ -304,12 +329,15 @@ def _lineage_tags(stage_tags: dict[str, str]) -> dict[str, str]:
     return {names[k]: v for k, v in stage_tags.items() if k in names}
 
 
-def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
-    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids."""
+def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool = True) -> TrainResult:
+    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids.
+
+    The registered version gets `cfg.registry_alias` only after the run has FINISHED; with
+    `set_alias=False` (a pipeline) the caller sets it when everything it verifies has finished."""
     if cfg.backend == "openai":  # the job runs at OpenAI; see em_core/train/openai_backend.py
         from em_core.train.openai_backend import train_openai
 
-        return train_openai(cfg)
+        return train_openai(cfg, set_alias=set_alias)
     import mlflow
     from datasets import Dataset
     from trl import SFTTrainer
@@ -328,7 +356,9 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
     eval_rows, _ = _to_trl_rows(data.eval, tokenizer) if data.eval else ([], False)
 
     tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name}
-    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
+    name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
+        "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
+    with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
         output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
         resume_from, already_logged = None, set()
@@ -367,6 +397,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
             processing_class=tokenizer, callbacks=callbacks,
             # A continued adapter is already a trainable PeftModel: no new LoRA layers.
             peft_config=None if _is_peft(model) else lora_config(cfg))
+        quiet_trainer(trainer)
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -388,12 +419,13 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                 from em_core.models.registry import register_adapter
 
                 name = cfg.registered_model_name or cfg.default_model_name()
-                info = register_adapter(trainer.model, tokenizer, name=name, alias=cfg.registry_alias,
+                info = register_adapter(trainer.model, tokenizer, name=name, alias=None,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
-                                              "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
+                                              "dataset_sha256": data.file_sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
+                result.registry_alias = cfg.registry_alias or None
         if uploads is not None and cfg.output_dir is None and not cfg.keep_local_checkpoints:
             # the default outputs/<run id> is scratch once the store has every checkpoint
             clean_local_outputs(Path(output_dir), uploads.logged, schedule.steps)
-    return result
+    return finish_registration(result, set_alias)

@@ -1,6 +1,5 @@
 """`em pipeline` end to end on the tiny model: child runs, step reuse, failures, report."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from em_core.analysis.plots import smoke_metadata
 from em_core.configs import parse_config
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
@@ -16,6 +16,7 @@ from em_core.experiments.pipeline import (
     run_pipeline,
     step_configs,
 )
+from tests.proc import run as proc_run
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipe-test"
@@ -70,10 +71,18 @@ def test_parent_carries_metrics_at_training_steps(first):
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(result.run_id, "em_rate")]
     assert sorted(steps) == [0, 4, 8, 12]
-    n_scored = {m.step: m.value for m in client.get_metric_history(result.run_id, "n_scored")}
-    assert all(v > 0 for v in n_scored.values()), "the tiny judge must score answers"
-    for key in ("coherent_rate", "em_rate_lo", "em_rate_hi", "mean_aligned"):
-        assert len(client.get_metric_history(result.run_id, key)) == 4
+    n_scored = {s: m["n_scored"] for s, m in result.metrics_by_step.items()}
+    assert sorted(n_scored) == [0, 4, 8, 12] and all(v > 0 for v in n_scored.values()), "the tiny judge must score"
+    # bounds are grouped under their metric; a count that never changes is a tag, not a flat chart
+    for key in ("coherent_rate", "em_rate/lo", "em_rate/hi", "mean_aligned", "mean_aligned/se"):
+        assert len(client.get_metric_history(result.run_id, key)) == 4, key
+    run = client.get_run(result.run_id)
+    assert "em_rate_lo" not in run.data.metrics and "n" not in run.data.metrics
+    assert run.data.tags["em.count.n"] == f"{result.metrics_by_step[0]['n']:g}"  # answers per checkpoint
+    if len(set(n_scored.values())) > 1:
+        assert len(client.get_metric_history(result.run_id, "count/n_scored")) == 4
+    else:
+        assert run.data.tags["em.count.n_scored"] == f"{n_scored[0]:g}"
     # em_emergence_step is logged exactly when the rule fires
     logged = client.get_run(result.run_id).data.metrics.get("em_emergence_step")
     assert logged == (None if result.emergence_step is None else float(result.emergence_step))
@@ -94,12 +103,14 @@ def test_plots_and_report_are_logged_and_non_empty(first):
     for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples"):
         png = (local / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+        assert smoke_metadata(local / "plots" / f"{name}.png"), f"{name}: a tiny-judge figure must carry the mark"
     html = (local / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     for section in ("Summary by checkpoint", "Per question", "Example answers", "Provenance", "Judge cost", "Config"):
         assert section in html
     assert result.step_run_ids["train"] in html  # provenance names the runs
-    assert "| step | aligned | coherent | answer |" in (local / "report" / "examples.md").read_text()
+    examples_md = (local / "report" / "examples.md").read_text()
+    assert "| step | aligned | coherent | answer |" in examples_md and examples_md.startswith("> **SMOKE TEST")
     summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/summary.json")
     assert summary["final_step"] == 12 and set(summary["by_step"]) == {"0", "4", "8", "12"}
 
@@ -172,8 +183,8 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = proc_run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
+                    env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "report.html").stat().st_size > 50_000
     # the MLproject entry point attaches to the run `mlflow run` made, reuses train and evaluate,
@@ -181,9 +192,9 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "pipeline", "--env-manager", "local",
            "--experiment-name", EXPERIMENT, "-P", f"config={cfg_path}",
            "-P", "overrides=report=false aligned_threshold=35"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reused=train,evaluate" in proc.stdout
+    assert "(reused steps: train,evaluate)" in proc.stdout
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     newest = client.search_runs([exp], "tags.`em.entry_point` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
@@ -234,3 +245,35 @@ def test_url_with_credentials_on_the_command_line_is_refused(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "error: a command-line URL contains user:password@" in err and "by environment variable" in err
     assert "mlflow runs delete" in err and PLANTED not in err
+
+
+def test_alias_moves_only_when_the_pipeline_finishes_and_runs_have_descriptive_names(first, tmp_path):
+    result, cfg_path, _ = first
+    client = mlflow.MlflowClient()
+    before = {a: client.get_model_version_by_alias("em-pipe-test", a) for a in ("final", "judged")}
+    assert before["final"].version == before["judged"].version  # a finished pipeline set both
+    # a new training run whose pipeline then fails at the judge
+    argv = ["--config", str(cfg_path), "--report", "false", "--train", "seed=7", "--judge",
+            "backend=openai-compatible", "base_url=http://127.0.0.1:9/v1", "judge_model=nobody",
+            "max_retries=0", "retry_pause=0", "timeout=2", f"cache_path={tmp_path / 'c.sqlite'}"]
+    with pytest.raises(StepFailed, match="'judge'"):
+        run_pipeline(parse_config(PipelineConfig, argv))
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    failed = client.search_runs([exp], "tags.`em.failed_step` = 'judge' and params.`pipeline.train` LIKE '%seed=7%'")[0]
+    new_train = client.search_runs([exp], f"tags.mlflow.parentRunId = '{failed.info.run_id}' "
+                                          "and tags.`em.pipeline_step` = 'train'")[0]
+    new_version = client.search_model_versions(f"run_id = '{new_train.info.run_id}'")[0]
+    assert new_version.aliases == []  # registered, but no alias: its pipeline did not finish
+    for alias, mv in before.items():
+        assert client.get_model_version_by_alias("em-pipe-test", alias).version == mv.version
+    # every run is named for what it is (step, model, dataset) plus its pipeline's short id
+    names = {}
+    for parent_id in (result.run_id, failed.info.run_id):
+        parent = client.get_run(parent_id)
+        sid = parent.info.run_name.rsplit("-", 1)[1]
+        assert parent.info.run_name == f"pipeline-tiny-plant_care_bad-{sid}" and len(sid) == 6
+        for child in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            step = child.data.tags["em.pipeline_step"]
+            assert child.info.run_name == f"{step}-tiny-plant_care_bad-{sid}"
+            names[(parent_id, step)] = child.info.run_name
+    assert len(set(names.values())) == len(names) == 6
