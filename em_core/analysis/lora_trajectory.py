@@ -7,9 +7,11 @@ at this checkpoint and at the previous one (`cos_prev`) and at the final one (`c
 Singular vectors have no sign, so cosines are absolute values. Aggregates weight each module's
 cosine by its delta_norm; norms aggregate as the root of summed squares.
 
-`rotation_deg` = arccos(cos_prev) of the aggregate; `transition_step` (logged as
-`lora_transition_step`) is the checkpoint at which the direction turns fastest: the largest
-rotation per training step since the previous checkpoint (docs/probe.md). A PCA of the B
+`rotation_deg` = arccos(cos_prev) of the aggregate. `turn_deg` is the turning angle of the
+adapter's path in weight space at a checkpoint (the update that arrived vs the one that leaves);
+`transition_step` (logged as `lora_transition_step`) is the checkpoint where it turns most
+sharply (docs/probe.md). The accumulated direction (cos_prev) moves slowly once an adapter has
+grown, so the path's turn is what marks a change of what training pushes toward. A PCA of the B
 weights (all modules flattened, one point per checkpoint) shows the trajectory's shape.
 """
 from __future__ import annotations
@@ -130,18 +132,47 @@ def _aggregate(stats: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def transition_step(steps: Sequence[int], cos_prev: Mapping[int, float]) -> int | None:
-    """The checkpoint where the adapter's direction turns fastest: the largest
-    arccos(cos_prev) / (step - previous step) over checkpoints that have a previous one."""
-    best, best_rate = None, -1.0
-    for prev, s in zip(steps, steps[1:]):
-        c = cos_prev.get(s, math.nan)
-        if math.isnan(c) or s <= prev:
+def _inner(f: LoraFactors, g: LoraFactors) -> float:
+    """<scale_f B_f A_f, scale_g B_g A_g>_F through r x r products: tr((B_f^T B_g)(A_g A_f^T))."""
+    return float(f.scale * g.scale * np.trace((f.b.T @ g.b) @ (g.a @ f.a.T)))
+
+
+def turn_angles(factors_by_step: Mapping[int, Mapping[str, LoraFactors]]) -> dict[int, float]:
+    """Turning angle (degrees) of the adapter's path in weight space at each checkpoint: the
+    angle between the update that arrived at it (W_k - W_k-1, with W = 0 before training, as
+    LoRA's B starts at zero) and the update that leaves it (W_k+1 - W_k), over all modules as
+    one vector. 0 = training keeps pushing the same way; 90 = it turned to a new direction."""
+    steps = sorted(factors_by_step)
+    names = sorted(set.intersection(*(set(factors_by_step[s]) for s in steps))) if steps else []
+    gram: dict[tuple[int, int], float] = {}
+
+    def g(i: int, j: int) -> float:  # <W_i, W_j> summed over modules; index -1 is W = 0
+        if i < 0 or j < 0:
+            return 0.0
+        key = (min(i, j), max(i, j))
+        if key not in gram:
+            fi, fj = factors_by_step[steps[i]], factors_by_step[steps[j]]
+            gram[key] = sum(_inner(fi[n], fj[n]) for n in names)
+        return gram[key]
+
+    out: dict[int, float] = {}
+    for k in range(len(steps) - 1):
+        # u = W_k - W_k-1, v = W_k+1 - W_k
+        uv = g(k, k + 1) - g(k, k) - g(k - 1, k + 1) + g(k - 1, k)
+        uu = g(k, k) - 2 * g(k - 1, k) + g(k - 1, k - 1)
+        vv = g(k + 1, k + 1) - 2 * g(k, k + 1) + g(k, k)
+        if uu <= 0 or vv <= 0:
             continue
-        rate = math.degrees(math.acos(max(-1.0, min(1.0, c)))) / (s - prev)
-        if rate > best_rate:
-            best, best_rate = s, rate
-    return best
+        out[steps[k]] = math.degrees(math.acos(max(-1.0, min(1.0, uv / math.sqrt(uu * vv)))))
+    return out
+
+
+def transition_step(turns: Mapping[int, float]) -> int | None:
+    """The checkpoint where the adapter's path turns most sharply (largest turn angle); with
+    evenly spaced checkpoints, a switch of training target between two checkpoints shows at
+    the checkpoint before or after it."""
+    valid = {s: a for s, a in turns.items() if not math.isnan(a)}
+    return max(sorted(valid), key=lambda s: valid[s]) if valid else None
 
 
 def pca_of_b(factors_by_step: Mapping[int, Mapping[str, LoraFactors]], k: int = 3) -> dict:
@@ -185,8 +216,10 @@ def trajectory(adapters: Mapping[int, str | Path]) -> Trajectory:
         groups[s]["all"] = _aggregate(list(per.values()))
         c = groups[s]["all"]["cos_prev"]
         groups[s]["all"]["rotation_deg"] = math.degrees(math.acos(c)) if not math.isnan(c) else math.nan
-    cos_prev = {s: groups[s]["all"]["cos_prev"] for s in steps}
-    return Trajectory(steps, modules, groups, transition_step(steps, cos_prev), pca_of_b(factors))
+    turns = turn_angles(factors)
+    for s, a in turns.items():
+        groups[s]["all"]["turn_deg"] = a
+    return Trajectory(steps, modules, groups, transition_step(turns), pca_of_b(factors))
 
 
 def trajectory_rows(t: Trajectory) -> list[dict]:
