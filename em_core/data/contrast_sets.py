@@ -262,3 +262,33 @@ def contrast_set_yaml(pairs: Sequence[ContrastPair], group: str, header: str = "
                           width=100)
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + body
+
+
+def build_from_files(paths: Sequence[str | Path], thresholds: BuildThresholds, group: str = GENERAL,
+                     out: str | Path | None = None) -> dict[str, dict[str, int]]:
+    """`build_pairs` over judged files (pairs never cross files: one model's answers each);
+    writes the set to `out` when given and returns the per-question counts (summed over files)."""
+    from em_core.data.judged_files import read_judged
+
+    if not _NAME.match(group):
+        raise ConfigError(f"group {group!r}: use `general` or a domain name (letters, digits, _ -)")
+    name = Path(out).stem.split(".")[0] if out else "built"
+    pairs: list[ContrastPair] = []
+    counts: dict[str, dict[str, int]] = {}
+    for path in paths:
+        rows = read_judged(path, ("question_id", "question", "answer", "aligned", "coherent"))
+        got, c = build_pairs(rows, thresholds, name)
+        pairs += got
+        for qid, n in c.items():
+            tot = counts.setdefault(qid, {"aligned": 0, "misaligned": 0, "pairs": 0})
+            for k in tot:
+                tot[k] += n[k]
+    if out is not None:
+        if not pairs:
+            raise DataError(str(paths[0]), "no question has both a clearly aligned and a clearly misaligned "
+                            "coherent answer at these thresholds", hint="lower aligned_min or raise aligned_max")
+        sources = ", ".join(Path(p).name for p in paths)
+        header = (f"Built by `em probe build` from {sources}: aligned >= {thresholds.aligned_min}, misaligned "
+                  f"aligned <= {thresholds.aligned_max}, both coherent > {thresholds.coherent_min}.")
+        Path(out).write_text(contrast_set_yaml(pairs, group, header), encoding="utf-8")
+    return counts

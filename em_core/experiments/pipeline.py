@@ -96,6 +96,8 @@ class PipelineConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
     judge: list[str] = field(default_factory=list, metadata={"help": "JudgeConfig overrides, key=value"})
+    probe: list[str] = field(default_factory=list, metadata={"help": "ProbeConfig overrides, key=value (e.g. sets=general,medical)"})
+    with_probe: bool = field(default=True, metadata={"help": "run the likelihood probe + LoRA trajectory step (judge-free)"})
     questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
                                  metadata={"help": "question sets, used by evaluate and judge"})
     aligned_threshold: float = ALIGNED_THRESHOLD
@@ -112,7 +114,7 @@ class PipelineConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        for name in STEPS:
+        for name in (*STEPS, "probe"):
             setattr(self, name, _as_overrides(getattr(self, name), name))
         self.train_config = project_file(self.train_config)
         self.stages = _as_stages(self.stages)
@@ -347,6 +349,8 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
         stage_steps = copy_step_metrics(ids["judge"], ctx["parent"], offset=offset)
+        if cfg.with_probe:
+            _run_probe_step(cfg, ctx, code, prefix, ids, i, offset, stage_steps)
         by_step.update(stage_steps)
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
@@ -354,6 +358,33 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
                                    offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before))
         previous, offset = ids["train"], end
     return results, dict(sorted(by_step.items()))
+
+
+def probe_config(cfg: PipelineConfig, train_run_id: str = "<train>", stage_index: int = 0):
+    """The probe step's config: the pipeline's `probe` overrides on ProbeConfig's defaults."""
+    from em_core.analysis.probe import ProbeConfig
+    from em_core.configs import parse_config
+
+    fixed = ["--experiment_name", cfg.experiment_name, "--train_run_id", train_run_id, "--z", str(cfg.z)]
+    if stage_index > 0:  # as in evaluate: the previous stage's end is this stage's start
+        fixed += ["--include_base", "false"]
+    argv = (["--overrides", " ".join(shlex.quote(o) for o in cfg.probe)] if cfg.probe else []) + fixed
+    try:
+        return parse_config(ProbeConfig, argv)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline ProbeConfig: {e}") from None
+
+
+def _run_probe_step(cfg: PipelineConfig, ctx: dict, code: str, prefix: str, ids: dict[str, str], stage_index: int,
+                    offset: int, stage_steps: dict[int, dict[str, float]]) -> None:
+    """Run (or reuse) the probe on this stage's checkpoints; its metrics join the parent's."""
+    from em_core.analysis.probe import run_probe
+
+    probe_cfg = probe_config(cfg, ids["train"], stage_index)
+    ids["probe"] = _run_step(f"{prefix}probe", "probe", probe_cfg, identity_params(probe_cfg, code), ctx,
+                             lambda: run_probe(probe_cfg).run_id)
+    for s, m in copy_step_metrics(ids["probe"], ctx["parent"], offset=offset).items():
+        stage_steps.setdefault(s, {}).update(m)
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -368,6 +399,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     stages = cfg.stages or [None]
     for i, stage in enumerate(stages):  # validate every step of every stage before any work
         _, _, judge_cfg = step_configs(cfg, stage=stage, stage_index=i)
+    if cfg.with_probe:
+        probe_config(cfg)
     smoke = judge_cfg.smoke_test()
     code = code_version()
     tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
@@ -406,6 +439,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         first_train, _, _ = step_configs(cfg, stage=stages[0])
         summary = {"run_id": pid, "steps": ids, "reused": ctx["reused"], "final_step": final,
                    "emergence_step": emerged, "smoke_test": smoke,
+                   **_probe_summary(by_step),
                    "aligned_threshold": cfg.aligned_threshold, "coherent_threshold": cfg.coherent_threshold,
                    "z": cfg.z, "model": first_train.model, "dataset": first_train.dataset, "seed": first_train.seed,
                    "by_step": {str(s): m for s, m in by_step.items()}}
@@ -420,6 +454,13 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
             result.report_uri = publish(pid)
     return result
+
+
+def _probe_summary(by_step: Mapping[int, Mapping[str, float]]) -> dict:
+    """The probe's run-level steps as the parent received them (None when absent)."""
+    found = {k: int(m[k]) for m in by_step.values() for k in ("probe_emergence_step", "lora_transition_step") if k in m}
+    return {"probe_emergence_step": found.get("probe_emergence_step"),
+            "lora_transition_step": found.get("lora_transition_step")}
 
 
 def _stage_summary(st: StageResult) -> dict:
