@@ -215,8 +215,11 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
         files["EM by trigger condition and self-reflection"] = plots.plot_conditions(
             d.rows, p / "em_by_trigger.png", reflection_metric=REFLECTION_METRIC, stages=d.stages, **thresholds)
     if d.signals:
-        found = {k: int(v) for m in d.signals.values() for k, v in m.items()
-                 if k in ("probe_emergence_step", "lora_transition_step")}
+        found: dict[str, int] = {}
+        for step in sorted(d.signals):
+            for k in ("probe_emergence_step", "lora_transition_step"):
+                if k in d.signals[step]:
+                    found.setdefault(k, step)
         signals = {s: {**steps_metrics.get(s, {}), **d.signals.get(s, {})} for s in set(steps_metrics) | set(d.signals)}
         files["EM (judge), probe margins and LoRA rotation vs training step"] = plots.plot_signals_vs_step(
             signals, p / "signals_vs_step.png", title="Judge and judge-free EM signals", em_emergence_step=emerged,

@@ -458,7 +458,11 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 def _probe_summary(by_step: Mapping[int, Mapping[str, float]]) -> dict:
     """The probe's run-level steps as the parent received them (None when absent)."""
-    found = {k: int(m[k]) for m in by_step.values() for k in ("probe_emergence_step", "lora_transition_step") if k in m}
+    found: dict[str, int] = {}
+    for step in sorted(by_step):  # the step it is logged at: global in a multi-stage run; the first wins
+        for k in ("probe_emergence_step", "lora_transition_step"):
+            if k in by_step[step]:
+                found.setdefault(k, step)
     return {"probe_emergence_step": found.get("probe_emergence_step"),
             "lora_transition_step": found.get("lora_transition_step")}
 

@@ -68,3 +68,19 @@ def test_turn_angle_marks_where_the_path_changes_direction():
     assert turns == {3: pytest.approx(0.0), 6: pytest.approx(0.0), 9: pytest.approx(90.0), 12: pytest.approx(0.0)}
     assert transition_step(turns) == 9
     assert transition_step({}) is None
+
+
+def test_report_notes_spearman_and_plot_draws_all_three_panels(tmp_path):
+    from em_core.analysis.plots import plot_signals_vs_step
+    from em_core.analysis.report import signal_notes
+
+    judge = {0: {"em_rate": 0.0}, 4: {"em_rate": 0.1}, 8: {"em_rate": 0.3}, 12: {"em_rate": 0.2}}
+    signals = {0: {"probe/general/margin": -1.0, "probe/general/margin_se": 0.1},
+               4: {"probe/general/margin": -0.5, "lora/all/turn_deg": 40.0},
+               8: {"probe/general/margin": 0.5, "lora/all/turn_deg": 70.0, "lora_transition_step": 8},
+               12: {"probe/general/margin": 0.8}}
+    (note,) = signal_notes(judge, signals)
+    assert "Spearman rho = +0.80" in note and "over 4 checkpoints" in note
+    merged = {s: {**judge[s], **signals[s]} for s in judge}
+    png = plot_signals_vs_step(merged, tmp_path / "s.png", em_emergence_step=8, lora_transition_step=8).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
