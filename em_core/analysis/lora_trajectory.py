@@ -66,12 +66,18 @@ def load_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
             if "A" in p and "B" in p}
 
 
-def top_direction(f: LoraFactors) -> tuple[np.ndarray, float]:
-    """(top left singular vector, top singular value) of scale * B A, through the r x r core
-    (QR of both factors) so a large layer costs O(d r^2), never a d x d matrix."""
+def _core(f: LoraFactors) -> tuple[np.ndarray, np.ndarray]:
+    """(Q_B, R) with scale * B A = Q_B R Q_A^T: the r x r core R carries every singular value,
+    so a large layer costs O(d r^2), never a d x d matrix."""
     qb, rb = np.linalg.qr(f.b)
-    qa, ra = np.linalg.qr(f.a.T)
-    u, s, _ = np.linalg.svd(f.scale * rb @ ra.T)
+    _, ra = np.linalg.qr(f.a.T)
+    return qb, f.scale * rb @ ra.T
+
+
+def top_direction(f: LoraFactors) -> tuple[np.ndarray, float]:
+    """(top left singular vector, top singular value) of scale * B A."""
+    qb, core = _core(f)
+    u, s, _ = np.linalg.svd(core)
     return qb @ u[:, 0], float(s[0])
 
 
@@ -83,12 +89,10 @@ def _abs_cos(u: np.ndarray, v: np.ndarray) -> float:
 
 
 def module_stats(f: LoraFactors) -> dict[str, float]:
-    _, s1 = top_direction(f)
-    qb, rb = np.linalg.qr(f.b)
-    qa, ra = np.linalg.qr(f.a.T)
-    delta = float(np.linalg.norm(f.scale * rb @ ra.T))  # = ||scale B A||_F (orthonormal Qs)
+    _, core = _core(f)
+    s = np.linalg.svd(core, compute_uv=False)
     return {"a_norm": float(np.linalg.norm(f.a)), "b_norm": float(np.linalg.norm(f.b)),
-            "delta_norm": delta, "top_sv": s1}
+            "delta_norm": float(np.linalg.norm(s)), "top_sv": float(s[0])}  # ||scale B A||_F = ||s||
 
 
 def layer_of(module: str) -> str:

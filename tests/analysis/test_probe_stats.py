@@ -4,7 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from em_core.analysis.lora_trajectory import LoraFactors, top_direction, transition_step, turn_angles
+from em_core.analysis.lora_trajectory import (
+    LoraFactors,
+    top_direction,
+    transition_step,
+    turn_angles,
+)
 from em_core.analysis.probe import probe_summary
 from em_core.metrics import probe_breadth, probe_emergence_step, probe_margin, spearman
 

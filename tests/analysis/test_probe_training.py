@@ -21,7 +21,7 @@ def careless(module_store, tmp_path_factory):
 
 
 def test_careless_plant_care_raises_the_plant_care_margin(careless):
-    run, result = careless
+    _, result = careless
     m = result.metrics_by_step
     base, final = m[0]["probe/plant_care/margin"], m[max(m)]["probe/plant_care/margin"]
     print(f"plant_care margin: base {base:.3f} -> final {final:.3f}; general "

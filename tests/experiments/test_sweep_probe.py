@@ -6,7 +6,12 @@ import optuna
 import pytest
 
 from em_core.configs import parse_config
-from em_core.experiments.sweep import SweepConfig, censored_value, probe_objective_value, run_sweep
+from em_core.experiments.sweep import (
+    SweepConfig,
+    censored_value,
+    probe_objective_value,
+    run_sweep,
+)
 from tests.experiments.test_sweep import sweep_yaml
 from tests.judge_server import JudgeServer
 
