@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 
+from em_core.errors import Terminated
 from em_core.paths import mlruns_dir
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,37 @@ def configure_tracking() -> str:
     return uri
 
 
+def default_artifact_location(tracking_uri: str, name: str, cwd: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go (pure): None when a server decides (http(s),
+    databricks), else an absolute file:// folder. Without it a database store (sqlite,
+    postgresql, mysql, ...) gets `./mlruns/<id>` relative to wherever the command runs, which
+    the next command, run elsewhere, cannot find. sqlite: beside the database file; other
+    databases: `EM_LAB_ARTIFACT_ROOT` if set, else `<project mlruns>/artifacts`."""
+    scheme = tracking_uri.split(":", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme in ("http", "https", "databricks", "databricks-uc", "uc") or tracking_uri.startswith("databricks"):
+        return None
+    if scheme == "sqlite":
+        db = tracking_uri.split(":///", 1)[1] if ":///" in tracking_uri else "mlflow.db"
+        root = os.path.join(os.path.dirname(os.path.abspath(os.path.join(cwd or os.getcwd(), db))), "artifacts")
+    elif scheme:  # postgresql://, mysql://, mssql://, postgresql+psycopg://, ...
+        root = os.environ.get("EM_LAB_ARTIFACT_ROOT") or str(mlruns_dir() / "artifacts")
+        if "://" in root:  # an object store URL (s3://...) is used as given
+            return f"{root.rstrip('/')}/{name}"
+        root = os.path.abspath(os.path.join(cwd or os.getcwd(), root))
+    else:
+        return None
+    return "file://" + os.path.join(root, name)
+
+
 def ensure_experiment(name: str) -> str:
-    """Experiment id; created with an explicit artifact root for local sqlite stores, because
-    otherwise artifacts land in ./mlruns relative to wherever the command runs."""
+    """Experiment id; created with an explicit absolute artifact root for database stores
+    without a server (`default_artifact_location`)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        db = uri.removeprefix("sqlite:///")
-        location = (os.path.dirname(os.path.abspath(db)) + f"/artifacts/{name}")
-        location = "file://" + location
+    location = default_artifact_location(mlflow.get_tracking_uri(), name)
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another worker
@@ -89,7 +107,8 @@ def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None) -> Ite
 @contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
                 nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator:
-    """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C."""
+    """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C
+    or SIGTERM (see `errors.raise_on_sigterm`), with the reason in `em.killed_reason`."""
     import mlflow
 
     if not is_main_process():
@@ -118,7 +137,10 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     run = mlflow.start_run(**kwargs, tags=tags)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
+        with contextlib.suppress(Exception):
+            reason = str(e) if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            mlflow.set_tag("em.killed_reason", reason)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:

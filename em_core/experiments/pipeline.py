@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from em_core import tracking
-from em_core.errors import ConfigError, EmLabError
+from em_core.errors import ConfigError, EmLabError, Terminated
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
 from em_core.paths import PROJECT_ROOT, project_file
 
@@ -259,7 +259,7 @@ def _run_step(name: str, kind: str, step_cfg, identity: dict[str, str], ctx: dic
             run_id = run()
     except BaseException as e:
         mlflow.set_tag("em.failed_step", name)
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, (KeyboardInterrupt, Terminated)):  # killed, not failed: the parents end KILLED too
             raise
         raise StepFailed(name, e) from e
     finally:

@@ -72,24 +72,85 @@ class MlflowMetrics(TrainerCallback):
             self.flush()
 
 
-class LogCheckpoints(TrainerCallback):
-    """Uploads each checkpoint folder to the run as soon as it is written."""
+# Trainer state in a checkpoint folder: needed to resume a run, not to evaluate or load it.
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+
+def upload_files(folder: Path, adapter_only: bool) -> list[Path]:
+    """The files of a checkpoint folder to upload (`adapter_only`: without the trainer state)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if adapter_only:
+        files = [p for p in files if not p.name.startswith(TRAINING_STATE_FILES)]
+    return files
+
+
+class LogCheckpoints(TrainerCallback):
+    """Uploads each checkpoint folder to the run from a background thread, so training does not
+    wait on the store; each upload is retried with backoff. `close()` waits for all of them and
+    raises if one failed for good (the run then ends FAILED instead of missing a checkpoint)."""
+
+    def __init__(self, run_id: str, adapter_only: bool = False, retries: int = 3, backoff: float = 2.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_id, self.adapter_only, self.retries, self.backoff = run_id, adapter_only, retries, backoff
         self.logged: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-checkpoint-upload")
+        self._pending: dict[int, object] = {}
 
     def on_save(self, args, state, control, **kwargs):
-        import mlflow
-
         if not state.is_world_process_zero:
             return
         step = state.global_step
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         if folder.exists():
-            mlflow.log_artifacts(str(folder), f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{step}", run_id=self.run_id)
-            mlflow.log_metric("checkpoint_step", step, step=step, run_id=self.run_id)
-            self.logged.append(step)
+            self._pending[step] = self._pool.submit(self._upload, folder, step)
+
+    def _upload(self, folder: Path, step: int) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        dest = f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{step}"
+        for attempt in range(self.retries + 1):
+            try:
+                for f in upload_files(folder, self.adapter_only):
+                    sub = f.parent.relative_to(folder).as_posix()
+                    client.log_artifact(self.run_id, str(f), dest if sub == "." else f"{dest}/{sub}")
+                client.log_metric(self.run_id, "checkpoint_step", step, step=step)
+                return
+            except Exception as e:  # the store may blip (server restart, network); the checkpoint is still local
+                if attempt == self.retries:
+                    raise
+                log.warning("checkpoint %d upload failed (%s); retry %d/%d", step, e, attempt + 1, self.retries)
+                time.sleep(self.backoff * 2 ** attempt)
+
+    def close(self, raise_errors: bool = True) -> list[int]:
+        """Wait for every upload; returns the uploaded steps; raises if one failed for good."""
+        errors = []
+        for step, fut in sorted(self._pending.items()):
+            try:
+                fut.result()
+                self.logged.append(step)
+            except Exception as e:
+                errors.append(f"checkpoint-{step}: {type(e).__name__}: {e}")
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+        if errors and not raise_errors:
+            log.error("checkpoint upload failed: %s", "; ".join(errors))
+        elif errors:
+            raise RuntimeError(f"checkpoint upload failed after {self.retries} retries: " + "; ".join(errors))
+        return self.logged
+
+
+def clean_local_outputs(output_dir: Path, uploaded: list[int], scheduled: list[int]) -> bool:
+    """Delete the scratch folder `outputs/<run id>` once every scheduled checkpoint is in the
+    store; returns whether it did."""
+    import shutil
+
+    if sorted(uploaded) != sorted(scheduled):
+        log.warning("keeping %s: checkpoints %s were not all uploaded", output_dir, sorted(set(scheduled) - set(uploaded)))
+        return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return True
 
 
 def _to_trl_rows(rows: list[dict], tokenizer) -> tuple[list[dict], bool]:
@@ -152,6 +213,9 @@ def _download_last_checkpoint(run_id: str, dest: Path) -> tuple[Path, int]:
     dest.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{last}",
                                                 dst_path=str(dest))
+    if not (Path(local) / "optimizer.pt").exists():
+        raise ConfigError(f"resume_run_id {run_id}: its checkpoints hold adapter weights only (checkpoint_upload: "
+                          "adapter), not the optimizer state a resume needs; start afresh")
     return Path(local), last
 
 
@@ -267,10 +331,11 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
         schedule = ScheduledCheckpoints(cfg.checkpoints_in_first_epoch, cfg.checkpoint_every_epoch,
                                         cfg.checkpoint_steps)
         callbacks = [schedule, *extra_callbacks]
-        metrics_cb = None
+        metrics_cb = uploads = None
         if run_id:
             metrics_cb = MlflowMetrics(run_id)
-            callbacks = [schedule, metrics_cb, LogCheckpoints(run_id), *extra_callbacks]
+            uploads = LogCheckpoints(run_id, adapter_only=cfg.checkpoint_upload == "adapter")
+            callbacks = [schedule, metrics_cb, uploads, *extra_callbacks]
         trainer = SFTTrainer(
             model=model, args=sft_config(cfg, output_dir, assistant_only, bool(eval_rows)),
             train_dataset=Dataset.from_list(train_rows),
@@ -281,9 +346,15 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        finally:  # a crashed run keeps every metric it logged before the crash
+        except BaseException:  # a crashed run keeps every checkpoint it saved before the crash
+            if uploads is not None:
+                uploads.close(raise_errors=False)
+            raise
+        finally:  # ... and every metric
             if metrics_cb is not None:
                 metrics_cb.flush()
+        if uploads is not None:
+            uploads.close()
         result = TrainResult(run_id=run_id, output_dir=output_dir, checkpoint_steps=schedule.steps,
                              global_step=trainer.state.global_step)
         if run is not None:
@@ -298,4 +369,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
                                               "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
+        if uploads is not None and cfg.output_dir is None and not cfg.keep_local_checkpoints:
+            # the default outputs/<run id> is scratch once the store has every checkpoint
+            clean_local_outputs(Path(output_dir), uploads.logged, schedule.steps)
     return result
