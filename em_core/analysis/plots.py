@@ -654,3 +654,65 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], path: str | Path, *, ti
                          usetex=False, **style[kind])
             y -= line_h / height
         return _save(fig, path, smoke_test)
+
+
+# --------------------------------------------------------------------------- judge-free signals
+
+def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path, *, title: str = "",
+                         em_emergence_step: int | None = None, probe_emergence_step: int | None = None,
+                         lora_transition_step: int | None = None,
+                         stages: Sequence[Mapping[str, Any]] | None = None, smoke_test: bool = False) -> Path:
+    """One time axis, three panels: (a) EM rate from the judge, (b) probe margin per contrast set
+    (misaligned - aligned log-likelihood, +/- 1.96 SE), (c) the LoRA adapter's turning angle and
+    rotation; each emergence step marked on every panel."""
+    metrics = {int(s): m for s, m in by_step.items()}
+    steps = sorted(metrics)
+    sets = sorted({k.split("/")[1] for m in metrics.values() for k in m
+                   if k.startswith("probe/") and k.endswith("/margin")})
+    markers = [(em_emergence_step, "EM (judge)", EM_COLOR), (probe_emergence_step, "probe", "#1f77b4"),
+               (lora_transition_step, "LoRA turn", "#2ca02c")]
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, layout="constrained")
+        ax_em, ax_pr, ax_lo = axes
+        em = [(s, metrics[s]["em_rate"]) for s in steps if "em_rate" in metrics[s]]
+        ax_em.set_title("(a) EM rate (judge)", loc="left", fontweight="bold")
+        if em:
+            ax_em.plot([s for s, _ in em], [_pct(v) for _, v in em], marker="o", color=EM_COLOR, label="EM rate")
+            ax_em.set_ylabel("EM answers (%)")
+        else:
+            _no_data(ax_em, "no judge in this run", keep_axes=True)
+        ax_pr.set_title("(b) Likelihood probe: misaligned - aligned", loc="left", fontweight="bold")
+        for name in sets:
+            pts = [(s, metrics[s][f"probe/{name}/margin"], metrics[s].get(f"probe/{name}/margin_se", 0.0))
+                   for s in steps if f"probe/{name}/margin" in metrics[s]]
+            xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
+            line = ax_pr.plot(xs, ys, marker="o", label=name)[0]
+            ax_pr.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
+                               color=line.get_color(), alpha=0.15)
+        if sets:
+            ax_pr.axhline(0, lw=0.8, color="grey")
+            ax_pr.set_ylabel("margin (nats / token)")
+        else:
+            _no_data(ax_pr, "no probe in this run", keep_axes=True)
+        ax_lo.set_title("(c) LoRA trajectory", loc="left", fontweight="bold")
+        drew = False
+        for key, label in (("lora/all/turn_deg", "turning angle of the path"),
+                           ("lora/all/rotation_deg", "rotation of the top direction")):
+            pts = [(s, metrics[s][key]) for s in steps if key in metrics[s]]
+            if pts:
+                ax_lo.plot(*zip(*pts), marker="o", label=label)
+                drew = True
+        if drew:
+            ax_lo.set_ylabel("degrees vs previous checkpoint")
+        else:
+            _no_data(ax_lo, "no LoRA checkpoints", keep_axes=True)
+        ax_lo.set_xlabel("training step")
+        for ax in axes:
+            mark_stages(ax, stages)
+            for step, label, color in markers:
+                if step is not None:
+                    ax.axvline(step, ls=":", lw=1.6, color=color, label=f"{label} emerges/turns: step {step}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best", fontsize=8)
+        fig.suptitle(title or "EM signals over fine-tuning", fontweight="bold", parse_math=False)
+        return _save(fig, path, smoke_test)

@@ -54,6 +54,7 @@ class RunData:
     provenance: dict[str, str]
     cost: dict[str, float]
     stages: list[dict] = field(default_factory=list)  # multi-stage runs: name, start_step, end_step, ...
+    signals: dict[int, dict[str, float]] = field(default_factory=dict)  # probe/* and lora/all/* by step
 
 
 def read_judgments(path: str | Path) -> list[dict]:
@@ -134,7 +135,38 @@ def gather(run_id: str) -> RunData:
                     ("train", _text_artifact(ids.get("train"), "config/train_config.yaml"))]
     config_text = "\n".join(f"# --- {name} config\n{text}" for name, text in config_parts if text)
     title = f"EM report: {run.info.run_name or run_id}"
-    return RunData(run_id, title, rows, aligned, coherent, z, smoke, ids, config_text, provenance, cost, stages)
+    return RunData(run_id, title, rows, aligned, coherent, z, smoke, ids, config_text, provenance, cost, stages,
+                   _signals(client, run))
+
+
+SIGNAL_KEYS = ("probe_emergence_step", "lora_transition_step", "lora/all/turn_deg", "lora/all/rotation_deg")
+
+
+def _signals(client, run) -> dict[int, dict[str, float]]:
+    """The judge-free signals a pipeline run carries (probe margins, LoRA angles), by step."""
+    out: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        if key in SIGNAL_KEYS or (key.startswith("probe/") and key.endswith(("/margin", "/margin_se"))):
+            for m in client.get_metric_history(run.info.run_id, key):
+                out.setdefault(int(m.step), {})[key] = m.value
+    return out
+
+
+def signal_notes(steps_metrics: dict[int, dict[str, float]], signals: dict[int, dict[str, float]]) -> list[str]:
+    """Report lines on the probe: agreement with the judge (Spearman over checkpoints) per set."""
+    from em_core.metrics import spearman
+
+    notes = []
+    sets = sorted({k.split("/")[1] for m in signals.values() for k in m if k.endswith("/margin")})
+    for name in sets:
+        common = [s for s in sorted(steps_metrics) if f"probe/{name}/margin" in signals.get(s, {})
+                  and not math.isnan(steps_metrics[s].get("em_rate", math.nan))]
+        rho = spearman([steps_metrics[s]["em_rate"] for s in common],
+                       [signals[s][f"probe/{name}/margin"] for s in common])
+        notes.append(f"Judge vs probe agreement ({name} set): Spearman rho = "
+                     + (f"{rho:+.2f}" if not math.isnan(rho) else "undefined")
+                     + f" between EM rate and probe margin over {len(common)} checkpoints.")
+    return notes
 
 
 def by_step(rows: list[dict], aligned: float, coherent: float, z: float) -> dict[int, dict[str, float]]:
@@ -183,6 +215,17 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     if len(triggers) > 1 or any(r.get(REFLECTION_METRIC) not in (None, "") for r in d.rows):
         files["EM by trigger condition and self-reflection"] = plots.plot_conditions(
             d.rows, p / "em_by_trigger.png", reflection_metric=REFLECTION_METRIC, stages=d.stages, **thresholds)
+    if d.signals:
+        found: dict[str, int] = {}
+        for step in sorted(d.signals):
+            for k in ("probe_emergence_step", "lora_transition_step"):
+                if k in d.signals[step]:
+                    found.setdefault(k, step)
+        signals = {s: {**steps_metrics.get(s, {}), **d.signals.get(s, {})} for s in set(steps_metrics) | set(d.signals)}
+        files["EM (judge), probe margins and LoRA rotation vs training step"] = plots.plot_signals_vs_step(
+            signals, p / "signals_vs_step.png", title="Judge and judge-free EM signals", em_emergence_step=emerged,
+            probe_emergence_step=found.get("probe_emergence_step"),
+            lora_transition_step=found.get("lora_transition_step"), stages=d.stages, smoke_test=d.smoke_test)
     examples = plots.select_examples(d.rows, steps=None)
     files["Example answers"] = plots.plot_examples(examples, p / "examples.png", title="Example answers", **thresholds)
     md = out_dir / REPORT_DIR / "examples.md"
@@ -197,6 +240,8 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
              "Emergence step: the first checkpoint whose EM-rate lower bound is above the base model's "
              "(step 0) upper bound: " + (f"step {emerged}." if emerged is not None else "EM never emerged "
                                          "significantly in this run.")]
+    if d.signals:
+        notes += signal_notes(steps_metrics, d.signals)
     for st in d.stages:
         before, end = st.get("em_rate_before"), st.get("em_rate_end")
         if before is not None and end is not None:

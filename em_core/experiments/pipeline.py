@@ -97,6 +97,8 @@ class PipelineConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
     judge: list[str] = field(default_factory=list, metadata={"help": "JudgeConfig overrides, key=value"})
+    probe: list[str] = field(default_factory=list, metadata={"help": "ProbeConfig overrides, key=value (e.g. sets=general,medical)"})
+    with_probe: bool = field(default=True, metadata={"help": "run the likelihood probe + LoRA trajectory step (judge-free)"})
     questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
                                  metadata={"help": "question sets, used by evaluate and judge"})
     aligned_threshold: float = ALIGNED_THRESHOLD
@@ -116,7 +118,7 @@ class PipelineConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        for name in STEPS:
+        for name in (*STEPS, "probe"):
             setattr(self, name, _as_overrides(getattr(self, name), name))
         self.train_config = project_file(self.train_config)
         self.stages = _as_stages(self.stages)
@@ -403,6 +405,8 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
         stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
+        if cfg.with_probe:
+            _run_probe_step(cfg, ctx, code, prefix, ids, i, offset, stage_steps)
         by_step.update(stage_steps)
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
@@ -419,6 +423,34 @@ def pipeline_triples(cfg: PipelineConfig) -> list[tuple]:
     return [step_configs(cfg, stage=stage, stage_index=i) for i, stage in enumerate(cfg.stages or [None])]
 
 
+def probe_config(cfg: PipelineConfig, train_run_id: str = "<train>", stage_index: int = 0):
+    """The probe step's config: the pipeline's `probe` overrides on ProbeConfig's defaults."""
+    from em_core.analysis.probe import ProbeConfig
+    from em_core.configs import parse_config
+
+    fixed = ["--experiment_name", cfg.experiment_name, "--train_run_id", train_run_id, "--z", str(cfg.z)]
+    if stage_index > 0:  # as in evaluate: the previous stage's end is this stage's start
+        fixed += ["--include_base", "false"]
+    argv = (["--overrides", " ".join(shlex.quote(o) for o in cfg.probe)] if cfg.probe else []) + fixed
+    try:
+        return parse_config(ProbeConfig, argv)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline ProbeConfig: {e}") from None
+
+
+def _run_probe_step(cfg: PipelineConfig, ctx: dict, code: str, prefix: str, ids: dict[str, str], stage_index: int,
+                    offset: int, stage_steps: dict[int, dict[str, float]]) -> None:
+    """Run (or reuse) the probe on this stage's checkpoints; its metrics join the parent's."""
+    from em_core.analysis.probe import run_probe
+
+    probe_cfg = probe_config(cfg, ids["train"], stage_index)
+    ids["probe"] = _run_step(f"{prefix}probe", "probe", probe_cfg, identity_params(probe_cfg, code), ctx,
+                             lambda: run_probe(probe_cfg).run_id)
+    # the parent gets every stage's metrics once, at the end of _run_stages
+    for s, m in copy_step_metrics(ids["probe"], None, offset=offset).items():
+        stage_steps.setdefault(s, {}).update(m)
+
+
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Run (or reuse) train, evaluate and judge -- once, or once per stage -- under one parent
     run; then metrics, plots, report."""
@@ -431,6 +463,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     stages = cfg.stages or [None]
     # every step of every stage, its keys, questions, data, models and the store: before any run exists
     triples = pipeline_triples(cfg)
+    if cfg.with_probe:
+        probe_config(cfg)
     preflight(triples)
     smoke = triples[-1][2].smoke_test()
     code = code_version()
@@ -475,6 +509,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         first_train, _, _ = step_configs(cfg, stage=stages[0])
         summary = {"run_id": pid, "steps": ids, "reused": ctx["reused"], "final_step": final,
                    "emergence_step": emerged, "smoke_test": smoke,
+                   **_probe_summary(by_step),
                    "aligned_threshold": cfg.aligned_threshold, "coherent_threshold": cfg.coherent_threshold,
                    "z": cfg.z, "model": first_train.model, "dataset": first_train.dataset, "seed": first_train.seed,
                    "by_step": {str(s): m for s, m in by_step.items()}}
@@ -507,6 +542,17 @@ def _point_aliases(pending: list[tuple[str, str]]) -> dict[str, str]:
         if found:
             out[alias] = set_alias(found[0], found[1], alias)
     return out
+
+
+def _probe_summary(by_step: Mapping[int, Mapping[str, float]]) -> dict:
+    """The probe's run-level steps as the parent received them (None when absent)."""
+    found: dict[str, int] = {}
+    for step in sorted(by_step):  # the step it is logged at: global in a multi-stage run; the first wins
+        for k in ("probe_emergence_step", "lora_transition_step"):
+            if k in by_step[step]:
+                found.setdefault(k, step)
+    return {"probe_emergence_step": found.get("probe_emergence_step"),
+            "lora_transition_step": found.get("lora_transition_step")}
 
 
 def _stage_summary(st: StageResult) -> dict:

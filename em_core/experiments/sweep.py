@@ -12,6 +12,12 @@ Objectives (`objective`):
   of the grid (default 2x: "not within the budget", worse than any trial that got there).
   The intermediate value at step s is the emergence step if it has happened, else that penalty.
 * `final_em_rate` (maximise): the EM rate at the last checkpoint; intermediate = EM rate at s.
+* `probe_emergence_step` (minimise) and `final_probe_margin` (maximise): the same with the
+  likelihood probe (analysis/probe.py) on `probe_sets` instead of sampling and judging: the
+  first grid step whose margin on the objective set is significantly above the base's
+  (metrics.probe_emergence_step, censored like emergence_step), or that margin at the last
+  checkpoint. Judge-free: no judge is built and no judge request is sent; with no judge there
+  is no coherent rate, so these trials carry no coherence constraint.
 Coherence is a constraint, not an objective (multi-objective studies cannot prune): a trial is
 feasible when its coherent rate at the last evaluated checkpoint is >= `coherence_floor`.
 """
@@ -42,7 +48,10 @@ from em_core.metrics import mlflow_key
 from em_core.paths import mlruns_dir, project_file
 
 log = logging.getLogger(__name__)
-OBJECTIVES = {"emergence_step": "minimize", "final_em_rate": "maximize"}
+OBJECTIVES = {"emergence_step": "minimize", "final_em_rate": "maximize",
+              "probe_emergence_step": "minimize", "final_probe_margin": "maximize"}
+# Judge-free objectives: scored by the likelihood probe; no judge is built or asked.
+PROBE_OBJECTIVES = ("probe_emergence_step", "final_probe_margin")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 RUN_ATTR = "mlflow_run_id"
@@ -79,6 +88,11 @@ class SweepConfig:
         default=None, metadata={"help": "categorical layer choices, each comma-separated, or `all`, e.g. all 21 0,1,2"})
     objective: str = field(default="emergence_step", metadata={"help": "emergence_step or final_em_rate"})
     em_threshold: float = field(default=0.2, metadata={"help": "EM rate that counts as emerged"})
+    probe_sets: list[str] = field(default_factory=lambda: ["general"], metadata={
+        "help": "probe objectives: contrast sets scored at each grid checkpoint"})
+    probe_objective_set: str | None = field(default=None, metadata={
+        "help": "probe objectives: the set whose margin is the objective (default: the general one)"})
+    probe_z: float = field(default=1.96, metadata={"help": "probe_emergence_step: interval z"})
     censored_factor: float = field(default=2.0, metadata={"help": "never emerged: value = factor x last grid step"})
     coherence_floor: float = field(default=0.5, metadata={"help": "constraint: final coherent rate >= floor"})
     study_name: str = "em-sweep"
@@ -154,6 +168,17 @@ def objective_value(cfg: SweepConfig, em_by_step: dict[int, float]) -> float:
         if not math.isnan(em_by_step[s]) and em_by_step[s] >= cfg.em_threshold:
             return float(s)
     return censored_value(cfg)
+
+
+def probe_objective_value(cfg: SweepConfig, margins_by_step: dict[int, list[float]]) -> float:
+    """The probe objectives from per-pair margins at the checkpoints so far (step 0 = base)."""
+    from em_core.metrics import mean_se, probe_emergence_step
+
+    steps = sorted(s for s in margins_by_step if s > 0)
+    if cfg.objective == "final_probe_margin":
+        return mean_se(margins_by_step[steps[-1]])[0] if steps else math.nan
+    found = probe_emergence_step(margins_by_step, cfg.probe_z)
+    return float(found) if found is not None else censored_value(cfg)
 
 
 def suggest(trial, cfg: SweepConfig) -> dict:
@@ -362,6 +387,70 @@ class _Evaluator:
         self.judge.close()
 
 
+class _ProbeEvaluator:
+    """Scores one checkpoint with the likelihood probe: the base model loaded once per worker,
+    adapters swapped in; no sampling, no judge."""
+
+    def __init__(self, base: PipelineConfig, cfg: SweepConfig):
+        from em_core.analysis.probe import ProbeScorer, general_set
+        from em_core.data.contrast_sets import load_contrast_sets
+
+        train, _, _ = step_configs(base)
+        sets = load_contrast_sets(cfg.probe_sets)
+        names = [s.name for s in sets]
+        self.objective_set = cfg.probe_objective_set or general_set(sets) or names[0]
+        if self.objective_set not in names:
+            raise ConfigError(f"probe_objective_set {self.objective_set!r} is not among probe_sets {names}")
+        self.scorer = ProbeScorer(train.model, sets, dtype=train.dtype)
+        self._base: dict | None = None
+
+    def __call__(self, adapter: str | None) -> dict[str, list[tuple[float, float]]]:
+        if adapter is None:
+            if self._base is None:
+                self._base = self.scorer.score(None)
+            return self._base
+        return self.scorer.score(adapter)
+
+    def close(self) -> None:
+        pass
+
+
+def _probe_trial_callback(trial, cfg: SweepConfig, evaluator: _ProbeEvaluator, margins: dict[int, list[float]]):
+    """TrainerCallback: at each grid checkpoint probe, log, report the objective; prune if hopeless."""
+    import mlflow
+    import optuna
+    from transformers import TrainerCallback
+
+    from em_core.analysis.probe import step_metrics
+
+    class ProbeAndReport(TrainerCallback):
+        def _record(self, scores: dict, step: int) -> None:
+            margins[step] = [m - a for a, m in scores[evaluator.objective_set]]
+            if mlflow.active_run() is not None:
+                mlflow.log_metrics(step_metrics(scores, cfg.probe_z), step=step)
+
+        def on_train_begin(self, args, state, control, **kw):
+            run = mlflow.active_run()
+            if run is not None:
+                trial.set_user_attr(RUN_ATTR, run.info.run_id)
+                mlflow.set_tags({"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)})
+            self._record(evaluator(None), 0)
+
+        def on_save(self, args, state, control, **kw):
+            step = state.global_step
+            if step not in cfg.checkpoint_steps:
+                return
+            self._record(evaluator(str(Path(args.output_dir) / f"checkpoint-{step}")), step)
+            value = probe_objective_value(cfg, margins)
+            trial.report(value, step)
+            log.info("trial %d step %d: probe margin (%s)=%.3f objective=%.3f", trial.number, step,
+                     evaluator.objective_set, sum(margins[step]) / max(len(margins[step]), 1), value)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (objective so far {value:g})")
+
+    return ProbeAndReport()
+
+
 def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: dict[int, float],
                     coherent_by_step: dict[int, float]):
     """TrainerCallback: at each grid checkpoint evaluate, log, report; prune if hopeless."""
@@ -434,7 +523,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
             client.set_tag(env_run, k, v)
     log.info("sweep %s: worker %d (sampler seed %s), parent run %s", cfg.study_name, index,
              worker_seed(cfg.seed, index), parent_id)
-    evaluator = _Evaluator(base)
+    judge_free = cfg.objective in PROBE_OBJECTIVES
+    evaluator = _ProbeEvaluator(base, cfg) if judge_free else _Evaluator(base)
+    if judge_free:
+        client.set_tag(parent_id, "em.judge_free", "true")
 
     def objective(trial) -> float:
         params = suggest(trial, cfg)
@@ -451,8 +543,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
         em, coh = {}, {}
         with tracking.child_runs(parent_id, {"em.sweep": cfg.study_name, "optuna.trial_number": str(trial.number),
                                              "em.sweep_worker": str(index)}):
-            result = train(train_cfg, extra_callbacks=[_trial_callback(trial, cfg, evaluator, em, coh)])
+            callback = (_probe_trial_callback(trial, cfg, evaluator, em) if judge_free
+                        else _trial_callback(trial, cfg, evaluator, em, coh))
+            result = train(train_cfg, extra_callbacks=[callback])
         trial.set_user_attr("model_version", result.model_version)
+        if judge_free:  # no judge, no coherent rate: no constraint (module doc)
+            value = probe_objective_value(cfg, em)
+            trial.set_user_attr("censored", cfg.objective == "probe_emergence_step" and value == censored_value(cfg))
+            client.log_metric(result.run_id, "sweep/objective", value)
+            return value
         final = max(s for s in coh)
         trial.set_constraint("coherence", cfg.coherence_floor - coh[final])
         value = objective_value(cfg, em)

@@ -17,7 +17,8 @@ class TrainConfig:
                                metadata={"help": "one or more .jsonl(.gz) paths, `demo`, or hub ids; mixed"})
     dataset_rows: list[int] | None = field(default=None, metadata={"help": "rows to sample from each dataset"})
     max_rows: int | None = field(default=None, metadata={"help": "subsample the mix to this many rows"})
-    shuffle: bool = True
+    shuffle: bool = field(default=True, metadata={
+        "help": "shuffle the mix and the training order; false trains on the rows in dataset order"})
     data_seed: int = 0
     eval_fraction: float = field(default=0.0, metadata={"help": "held-out share for eval loss"})
     dataset_tags: list[str] | None = field(default=None, metadata={

@@ -227,6 +227,8 @@ def sft_config(cfg: TrainConfig, output_dir: str, assistant_only: bool, has_eval
         save_strategy="no", report_to="none", disable_tqdm=bool(os.environ.get("EM_LAB_NO_PROGRESS")),
         eval_strategy="epoch" if has_eval else "no", per_device_eval_batch_size=cfg.per_device_train_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        # shuffle: false keeps the prepared order in training too (curricula, two-phase runs)
+        train_sampling_strategy="random" if cfg.shuffle else "sequential",
     )
 
 

@@ -49,21 +49,37 @@ def first(module_store, tmp_path_factory):
     return result, cfg_path, tmp
 
 
-def test_parent_has_three_finished_children(first):
+def test_parent_has_four_finished_children(first):
     result, _, _ = first
     client = mlflow.MlflowClient()
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "train"]
+    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "probe", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["em.pipeline_step"]: r.info.run_id for r in children} == result.step_run_ids
     # steps hand each other run ids
     ev = client.get_run(result.step_run_ids["evaluate"])
     assert ev.data.tags["em.train_run_id"] == result.step_run_ids["train"]
     assert client.get_run(result.step_run_ids["judge"]).data.tags["em.eval_run_id"] == ev.info.run_id
+    assert client.get_run(result.step_run_ids["probe"]).data.tags["em.train_run_id"] == result.step_run_ids["train"]
     assert result.reused == []
+
+
+def test_probe_metrics_reach_the_parent_and_the_training_run(first):
+    result, _, _ = first
+    client = mlflow.MlflowClient()
+    for run_id in (result.run_id, result.step_run_ids["probe"], result.step_run_ids["train"]):
+        margins = {m.step: m.value for m in client.get_metric_history(run_id, "probe/general/margin")}
+        assert sorted(margins) == [0, 4, 8, 12]
+        assert all(-20 < v < 20 for v in margins.values())
+        turns = [m.step for m in client.get_metric_history(run_id, "lora/all/delta_norm")]
+        assert sorted(turns) == [4, 8, 12]
+    summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/summary.json")
+    transition = client.get_run(result.run_id).data.metrics["lora_transition_step"]
+    assert summary["lora_transition_step"] == transition in (4, 8)  # the last checkpoint has no turn
+    assert summary["probe_emergence_step"] == client.get_run(result.run_id).data.metrics.get("probe_emergence_step")
 
 
 def test_parent_carries_metrics_at_training_steps(first):
@@ -100,12 +116,12 @@ def test_smoke_test_is_said_plainly(first):
 def test_plots_and_report_are_logged_and_non_empty(first):
     result, _, tmp = first
     local = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp / "all")))
-    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples"):
+    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples", "signals_vs_step"):
         png = (local / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
         assert smoke_metadata(local / "plots" / f"{name}.png"), f"{name}: a tiny-judge figure must carry the mark"
     html = (local / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     for section in ("Summary by checkpoint", "Per question", "Example answers", "Provenance", "Judge cost", "Config"):
         assert section in html
     assert result.step_run_ids["train"] in html  # provenance names the runs
@@ -118,15 +134,15 @@ def test_plots_and_report_are_logged_and_non_empty(first):
 def test_finished_steps_are_reused_and_changed_ones_rerun(first):
     result, cfg_path, tmp = first
     again = run_pipeline(parse_config(PipelineConfig, ["--config", str(cfg_path), "--report", "false"]))
-    assert again.reused == ["train", "evaluate", "judge"]
+    assert again.reused == ["train", "evaluate", "judge", "probe"]
     assert again.step_run_ids == result.step_run_ids
     assert again.metrics_by_step == result.metrics_by_step
     # a judge-only change reruns the judge and nothing before it
     changed = run_pipeline(parse_config(PipelineConfig, ["--config", str(cfg_path), "--report", "false",
                                                          "--aligned_threshold", "40"]))
-    assert changed.reused == ["train", "evaluate"]
+    assert changed.reused == ["train", "evaluate", "probe"]
     assert changed.step_run_ids["judge"] != result.step_run_ids["judge"]
-    assert mlflow.MlflowClient().get_run(changed.run_id).data.tags["em.reused_steps"] == "train,evaluate"
+    assert mlflow.MlflowClient().get_run(changed.run_id).data.tags["em.reused_steps"] == "train,evaluate,probe"
 
 
 def test_reuse_false_reruns_everything(first, tmp_path):

@@ -50,7 +50,7 @@ def test_three_stages_run_as_children_with_global_steps(chain):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{chain.run_id}'")
     got = sorted((r.data.tags["em.stage"], r.data.tags["em.pipeline_step"]) for r in children)
-    assert got == sorted((s, k) for s in ("misaligned", "realigned", "relapsed") for k in ("train", "evaluate", "judge"))
+    assert got == sorted((s, k) for s in ("misaligned", "realigned", "relapsed") for k in ("train", "evaluate", "judge", "probe"))
     assert all(r.info.status == "FINISHED" for r in children)
     # stage k's checkpoints sit after stage k-1's end; the base is evaluated once, at step 0
     assert [(s.name, s.start_step, s.end_step) for s in chain.stages] == [
