@@ -29,6 +29,18 @@ def resolve_model_path(model_id: str) -> str:
     return model_id
 
 
+def model_source(model_id: str) -> str:
+    """Where `model_id`'s weights come from, for provenance: `smollm2-135m` is the hub model
+    online and a dequantised Q4_1 GGUF offline, which are not the same weights."""
+    if is_smollm2(model_id):
+        model_id = resolve_smollm2()
+    if is_gguf(model_id):
+        from em_core.models.gguf import gguf_sha256
+
+        return f"gguf:{Path(model_id).name}@sha256:{gguf_sha256(Path(model_id).expanduser())}"
+    return str(model_id)
+
+
 def local_base_path(model_id: str) -> str | None:
     """The local folder a model is loaded from, or None for a hub id."""
     path = resolve_model_path(model_id)

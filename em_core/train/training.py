@@ -24,6 +24,7 @@ from em_core.models.loading import (
     load_model,
     load_tokenizer,
     local_base_path,
+    model_source,
     pick_dtype,
 )
 from em_core.paths import PROJECT_ROOT
@@ -256,7 +257,8 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                    tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
 
-    tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name}
+    tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
+            "em.model_source": model_source(cfg.model)}
     with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
         output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
