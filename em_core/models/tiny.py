@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from em_core.paths import cache_dir, resource_path
+from em_core.paths import cache_dir, file_lock, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ def tiny_model_path(build: bool = True) -> Path:
     """Folder of the cached tiny model, building it first when missing."""
     path = cache_dir() / f"tiny-v{TINY_VERSION}"
     if build and not (path / "config.json").exists():
-        build_tiny_model(path)
+        # Parallel first uses (test workers, sweep workers) wait for one build instead of racing.
+        with file_lock(path.parent / f"{path.name}.lock"):
+            if not (path / "config.json").exists():
+                build_tiny_model(path)
     return path
 
 
