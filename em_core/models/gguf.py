@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from em_core.errors import ConfigError
-from em_core.paths import cache_dir, file_sha256
+from em_core.paths import cache_dir, file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ def gguf_model_path(model_id: str) -> str:
         raise ConfigError(f"model {model_id}: GGUF file not found; check the path")
     dest = converted_path(gguf_file)
     if not (dest / _MARKER).exists():
-        convert_gguf(gguf_file, dest)
+        # Parallel first uses (test workers, sweep workers) wait for one conversion.
+        with file_lock(dest.parent / f"{dest.name}.lock"):
+            if not (dest / _MARKER).exists():
+                convert_gguf(gguf_file, dest)
     return str(dest)
 
 
