@@ -371,8 +371,11 @@ def default_load_fn(model_id: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+    from em_core.models.loading import resolve_model_path
+
+    path = resolve_model_path(model_id)  # `tiny`, `smollm2-135m` and .gguf files too
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval(), tokenizer
