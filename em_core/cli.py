@@ -6,6 +6,8 @@
     em pipeline [--config configs/pipeline/tiny.yaml] [--train k=v ...] [--evaluate k=v ...] [--judge k=v ...]
     em grid --config configs/grid/course.yaml [--print_commands true]
     em sweep --config configs/sweep/tiny.yaml [--n_trials 8 --storage URL]
+    em probe --train_run_id RUN_ID [--sets general plant_care]     # likelihood probe + LoRA trajectory
+    em probe build --judged FILE.csv [--out set.yaml] [--aligned_min 80 --aligned_max 30 --coherent_min 50]
     em directions extract|steer|ablate [--config configs/directions/tiny_steer.yaml] [--key value ...]
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml
@@ -26,6 +28,7 @@ COMMANDS = {
     "pipeline": "entrypoints.pipeline:main",
     "grid": "entrypoints.grid:main",
     "sweep": "entrypoints.sweep:main",
+    "probe": "entrypoints.probe:main",
     "directions": "entrypoints.directions:main",
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",

@@ -24,3 +24,24 @@ class DataError(EmLabError):
 
 class JudgeError(EmLabError):
     """The judge backend could not be used at all (not: one reply was unscorable)."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM (a scheduler's preemption or time limit). A BaseException, like
+    KeyboardInterrupt, so no `except Exception` swallows it; runs end KILLED with the reason."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into `Terminated` in the main thread, so open runs unwind and end KILLED
+    instead of staying RUNNING forever. No-op off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
+        raise Terminated("SIGTERM received (preempted, or a scheduler's time limit)")
+
+    signal.signal(signal.SIGTERM, handler)

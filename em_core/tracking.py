@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePath
 
+from em_core.errors import Terminated
 from em_core.paths import mlruns_dir
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,49 @@ STAGES_TAG = "em.stages"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 _SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
-# Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
-_CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
+# Set by `child_runs`: the parent run, extra tags and the run name for runs started inside a pipeline step.
+_CHILD_OF: contextvars.ContextVar[tuple[str, dict, str | None] | None] = contextvars.ContextVar("em_child_of",
+                                                                                                default=None)
+# The built-in demo sets by what `dataset: demo` / `demo:<name>` load.
+_DEMO_DEFAULT = "plant_care_bad"
+
+
+def short_id() -> str:
+    """6 hex characters from the OS's randomness: training seeds Python's `random`, which made
+    MLflow's own name generator give every seeded run the same name."""
+    return secrets.token_hex(3)
+
+
+def model_label(model: str) -> str:
+    """`meta-llama/Llama-3.2-1B-Instruct` -> `Llama-3.2-1B-Instruct`; `tiny` stays `tiny`."""
+    return str(model).rstrip("/").split("/")[-1]
+
+
+def dataset_label(dataset) -> str:
+    """A short, meaningful name of a dataset spec (or list/`a+b` mix): the file stem, the demo set's
+    own name (`demo` -> `plant_care_bad`), a registry name, or a hub id's last part."""
+    specs = dataset if isinstance(dataset, (list, tuple)) else str(dataset).split("+")
+    parts = []
+    for d in specs:
+        d = str(d).strip()
+        if d == "demo" or d.startswith("demo:"):
+            parts.append(d.partition(":")[2] or _DEMO_DEFAULT)
+        else:
+            parts.append(PurePath(d.removeprefix("registry:")).name.removesuffix(".gz").removesuffix(".jsonl")
+                         .removesuffix(".json"))
+    return "+".join(parts)
+
+
+def descriptive_name(kind: str, *parts: str | None, sid: str | None = None) -> str:
+    """`train-tiny-plant_care_bad-3f9a1c`: what ran, on what, and a short id to tell repeats apart."""
+    name = "-".join([kind, *(str(p) for p in parts if p), sid or short_id()])
+    return re.sub(r"[^A-Za-z0-9_.+/:-]", "-", name)[:250]
+
+
+def child_run_name() -> str | None:
+    """The name a pipeline gave the run about to start in its step, if any."""
+    child_of = _CHILD_OF.get()
+    return child_of[2] if child_of else None
 
 
 def is_main_process() -> bool:
@@ -52,20 +96,37 @@ def configure_tracking() -> str:
     return uri
 
 
+def default_artifact_location(tracking_uri: str, name: str, cwd: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go (pure): None when a server decides (http(s),
+    databricks), else an absolute file:// folder. Without it a database store (sqlite,
+    postgresql, mysql, ...) gets `./mlruns/<id>` relative to wherever the command runs, which
+    the next command, run elsewhere, cannot find. sqlite: beside the database file; other
+    databases: `EM_LAB_ARTIFACT_ROOT` if set, else `<project mlruns>/artifacts`."""
+    scheme = tracking_uri.split(":", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme in ("http", "https", "databricks", "databricks-uc", "uc") or tracking_uri.startswith("databricks"):
+        return None
+    if scheme == "sqlite":
+        db = tracking_uri.split(":///", 1)[1] if ":///" in tracking_uri else "mlflow.db"
+        root = os.path.join(os.path.dirname(os.path.abspath(os.path.join(cwd or os.getcwd(), db))), "artifacts")
+    elif scheme:  # postgresql://, mysql://, mssql://, postgresql+psycopg://, ...
+        root = os.environ.get("EM_LAB_ARTIFACT_ROOT") or str(mlruns_dir() / "artifacts")
+        if "://" in root:  # an object store URL (s3://...) is used as given
+            return f"{root.rstrip('/')}/{name}"
+        root = os.path.abspath(os.path.join(cwd or os.getcwd(), root))
+    else:
+        return None
+    return "file://" + os.path.join(root, name)
+
+
 def ensure_experiment(name: str) -> str:
-    """Experiment id; created with an explicit artifact root for local sqlite stores, because
-    otherwise artifacts land in ./mlruns relative to wherever the command runs."""
+    """Experiment id; created with an explicit absolute artifact root for database stores
+    without a server (`default_artifact_location`)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = None
-    if uri.startswith("sqlite:///"):
-        db = uri.removeprefix("sqlite:///")
-        location = (os.path.dirname(os.path.abspath(db)) + f"/artifacts/{name}")
-        location = "file://" + location
+    location = default_artifact_location(mlflow.get_tracking_uri(), name)
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another worker
@@ -76,10 +137,12 @@ def ensure_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
-def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[None]:
+def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None,
+               run_name: str | None = None) -> Iterator[None]:
     """Runs started by `tracked_run` inside this block are children of `parent_run_id` (with
-    `tags` added), so train/evaluate/judge need no pipeline-specific parameters."""
-    token = _CHILD_OF.set((parent_run_id, dict(tags or {})))
+    `tags` added, and named `run_name` unless they name themselves), so train/evaluate/judge
+    need no pipeline-specific parameters."""
+    token = _CHILD_OF.set((parent_run_id, dict(tags or {}), run_name))
     try:
         yield
     finally:
@@ -89,7 +152,8 @@ def child_runs(parent_run_id: str, tags: Mapping[str, str] | None = None) -> Ite
 @contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
                 nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator:
-    """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C."""
+    """Start (or resume/attach to) a run that ends FINISHED, FAILED on error, KILLED on Ctrl-C
+    or SIGTERM (see `errors.raise_on_sigterm`), with the reason in `em.killed_reason`."""
     import mlflow
 
     if not is_main_process():
@@ -98,10 +162,13 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     configure_tracking()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     kwargs: dict = {"nested": nested}
+    redirected_from = None
     child_of = _CHILD_OF.get()
     tags = dict(tags or {})
     if child_of is not None:
         tags.update(child_of[1])
+    # Always our own name: MLflow's generator draws from `random`, which training seeds.
+    run_name = run_name or child_run_name() or descriptive_name(tags.get("em.entry_point", "run"))
     if run_id:
         kwargs["run_id"] = run_id
     elif child_of is not None:
@@ -111,14 +178,33 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         os.environ.pop("MLFLOW_RUN_ID", None)
     elif env_run and not nested and mlflow.active_run() is None:
         # launched by `mlflow run`; consumed, as MLflow does, so runs started later are not it
-        kwargs["run_id"] = os.environ.pop("MLFLOW_RUN_ID")
+        os.environ.pop("MLFLOW_RUN_ID")
+        if _launched_into_default(env_run, experiment):
+            # `mlflow run` without --experiment-name made its run in `Default` (artifacts under
+            # ./mlruns/0): run where `em <step>` runs instead, and leave a pointer on that stub.
+            kwargs["experiment_id"] = ensure_experiment(experiment)
+            kwargs["run_name"] = run_name
+            redirected_from = env_run
+        else:
+            kwargs["run_id"] = env_run
+            tags.setdefault("mlflow.runName", run_name)  # replaces the name `mlflow run` drew
     else:
         kwargs["experiment_id"] = ensure_experiment(experiment)
         kwargs["run_name"] = run_name
     run = mlflow.start_run(**kwargs, tags=tags)
+    if redirected_from:
+        client = mlflow.MlflowClient()
+        client.set_tag(redirected_from, "em.redirected_to", run.info.run_id)
+        client.set_tag(redirected_from, "mlflow.note.content",
+                       f"em-lab ran this in experiment {experiment!r}, run {run.info.run_id}; pass "
+                       f"--experiment-name {experiment} to `mlflow run` to attach to it directly")
+        mlflow.set_tag("em.launched_by_run", redirected_from)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
+        with contextlib.suppress(Exception):
+            reason = str(e) if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            mlflow.set_tag("em.killed_reason", reason)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
@@ -133,6 +219,43 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def local_artifact(run_id: str, path: str) -> str:
+    """A local file path of a run's artifact: in place for a local artifact store, else downloaded
+    (a `runs:/` address is not something a newcomer can open)."""
+    import mlflow
+    from urllib.parse import unquote, urlparse
+
+    root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    parsed = urlparse(root)
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path)) / path)
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def ui_command() -> str:
+    """The command that browses this store (the frugal settings from the README)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return f"open {uri} in a browser"
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --backend-store-uri {uri} "
+            f"--default-artifact-root {db.parent / 'artifacts'}")
+
+
+def _launched_into_default(run_id: str, experiment: str) -> bool:
+    """The run `mlflow run` made sits in the `Default` experiment while this step names another."""
+    import mlflow
+
+    if experiment == "Default":
+        return False
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.experiment_id == "0"
+    except Exception:  # not in this store: attach as before and let MLflow say what is wrong
+        return False
 
 
 def scrub(text: str) -> str:

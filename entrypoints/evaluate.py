@@ -20,7 +20,7 @@ from em_core.console import run_main
 def _evaluate(argv: list[str]) -> int:
     from em_core.sample.evaluation import EvalConfig, evaluate
 
-    cfg = parse_config(EvalConfig, argv)
+    cfg = parse_config(EvalConfig, argv, prog="em evaluate")
     result = evaluate(cfg)
     print(f"run_id={result.run_id} base={result.base_model} steps={result.steps} "
           f"answers={result.n_answers} -> {result.answers_path}")

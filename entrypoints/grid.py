@@ -3,10 +3,13 @@
     em grid --config configs/grid/tiny.yaml                        # 1 model x 2 datasets, offline
     em grid --config configs/grid/course.yaml                      # Llama 1B/3B/8B x medical/financial (GPU)
     em grid --config configs/grid/course.yaml --print_commands true   # one `mlflow run` per cell instead
+    em grid --config configs/grid/course.yaml --print_commands slurm  # a Slurm job-array script
+    em grid --config configs/grid/course.yaml --launcher ray --num_gpus 1 [--ray_address HOST:6379]
     em grid --config configs/grid/course.yaml --summarize_only true   # collect finished cells
     mlflow run . -e grid --env-manager local -P config=configs/grid/tiny.yaml
 
-Finished cells (same params and code version) are reused, so rerunning a grid resumes it.
+Finished cells (same params and code version) are reused, so rerunning a grid resumes it; a
+cell is claimed before it runs, so two launchers never run the same cell.
 Writes grid/grid_summary.{csv,md}, grid/grid_cells.csv and grid/em_by_model_domain.png to a
 `<name>/summary` run.
 """
@@ -21,7 +24,7 @@ from em_core.console import run_main
 def _grid(argv: list[str]) -> int:
     from em_core.experiments.grid import GridConfig, markdown_table, run_grid
 
-    cfg = parse_config(GridConfig, argv)
+    cfg = parse_config(GridConfig, argv, prog="em grid")
     summary = run_grid(cfg)
     if "table" in summary:
         print(markdown_table(summary["table"]), end="")

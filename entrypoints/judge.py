@@ -20,7 +20,7 @@ from em_core.console import run_main
 def _judge(argv: list[str]) -> int:
     from em_core.judge.answers import JudgeConfig, run_judge
 
-    cfg = parse_config(JudgeConfig, argv)
+    cfg = parse_config(JudgeConfig, argv, prog="em judge")
     result = run_judge(cfg)
     for step, m in result.metrics_by_step.items():
         em, coh = m.get("em_rate", float("nan")), m.get("coherent_rate", float("nan"))

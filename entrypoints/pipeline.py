@@ -24,24 +24,15 @@ def _pipeline(argv: list[str]) -> int:
     from em_core.experiments.pipeline import (
         DEFAULT_CONFIG,
         PipelineConfig,
+        console_summary,
         run_pipeline,
     )
     from em_core.paths import PROJECT_ROOT
 
     if "--config" not in argv:
         argv = ["--config", str(PROJECT_ROOT / DEFAULT_CONFIG), *argv]
-    cfg = parse_config(PipelineConfig, argv)
-    result = run_pipeline(cfg)
-    for step, m in result.metrics_by_step.items():
-        print(f"step {step:>6}: em_rate={m.get('em_rate', float('nan')):.3f} "
-              f"[{m.get('em_rate_lo', float('nan')):.3f}, {m.get('em_rate_hi', float('nan')):.3f}] "
-              f"coherent_rate={m.get('coherent_rate', float('nan')):.3f} n_scored={int(m.get('n_scored', 0))}")
-    print(f"em_emergence_step={result.emergence_step if result.emergence_step is not None else 'none'}")
-    print(f"run_id={result.run_id} steps={result.step_run_ids} reused={','.join(result.reused) or 'none'}")
-    if result.report_uri:
-        print(f"report={result.report_uri}")
-    if result.smoke_test:
-        print("note: judged by the tiny offline model; these scores are a smoke test, not a measurement")
+    cfg = parse_config(PipelineConfig, argv, prog="em pipeline")
+    print(console_summary(run_pipeline(cfg)))
     return 0
 
 

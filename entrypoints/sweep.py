@@ -4,7 +4,9 @@
     em sweep --config configs/sweep/tiny.yaml --n_trials 6
     em sweep --config configs/sweep/llama-3.2-1b_bad-medical.yaml --storage postgresql://user@host/optuna
     # N workers on one study: start the same command N times (any machines, same storage and
-    # MLFLOW_TRACKING_URI); together they stop at n_trials finished trials.
+    # MLFLOW_TRACKING_URI); together they stop at n_trials finished trials. Each worker gets its
+    # own sampler seed; a worker whose config differs from the study's is refused.
+    em sweep --config ... --storage postgresql://... --launcher ray --workers 4 [--ray_address HOST:6379]
 
 Each trial is a child run of the study's parent run with metrics at every checkpoint step; the
 best feasible trial's adapter gets the registry alias `best`; Optuna's plots are logged to the
@@ -19,15 +21,17 @@ from em_core.console import run_main
 
 
 def _sweep(argv: list[str]) -> int:
+    from em_core.experiments.launch import sweep_on_ray
     from em_core.experiments.sweep import SweepConfig, run_sweep
 
     if "--config" not in argv:
         from em_core.paths import PROJECT_ROOT
 
         argv = ["--config", str(PROJECT_ROOT / "configs/sweep/tiny.yaml"), *argv]
-    cfg = parse_config(SweepConfig, argv)
-    info = run_sweep(cfg)
-    print(f"study={info['study']} finished_trials={info['trials']} parent_run_id={info['parent_run_id']}")
+    cfg = parse_config(SweepConfig, argv, prog="em sweep")
+    info = sweep_on_ray(cfg) if cfg.launcher == "ray" else run_sweep(cfg)
+    print(f"study={info['study']} worker={info['worker']} finished_trials={info['trials']} "
+          f"parent_run_id={info['parent_run_id']} parent_closed={info['parent_closed']}")
     best = info["best"]
     if best:
         print(f"best trial {best['number']}: {best['value']:g} params={best['params']} run_id={best['run_id']} "

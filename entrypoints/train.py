@@ -21,7 +21,7 @@ from em_core.train.config import TrainConfig
 def _train(argv: list[str]) -> int:
     from em_core.train.training import resume_config, train
 
-    cfg = parse_config(TrainConfig, argv)
+    cfg = parse_config(TrainConfig, argv, prog="em train")
     if cfg.resume_run_id:
         cfg = resume_config(cfg.resume_run_id)
     result = train(cfg)

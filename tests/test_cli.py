@@ -1,11 +1,12 @@
 """The entry points as users run them: `em train` and `mlflow run . -e train`."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+
+from tests.proc import run as proc_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +23,8 @@ def test_bad_dataset_exits_nonzero_with_named_error_and_no_finished_run(tmp_path
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                             {"role": "assistant", "content": ""}]}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "em_core.cli", "train", "--dataset", str(bad)],
-                          capture_output=True, text=True, env=_env(mlflow_store), cwd=REPO, timeout=300)
+    proc = proc_run([sys.executable, "-m", "em_core.cli", "train", "--dataset", str(bad)],
+                    env=_env(mlflow_store), cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert f"{bad}:1: message 1: empty assistant turn" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -33,14 +34,20 @@ def test_bad_dataset_exits_nonzero_with_named_error_and_no_finished_run(tmp_path
 
 
 def test_mlflow_run_train_entry_point_offline(tmp_path, mlflow_store):
+    # no --experiment-name: the run still lands in `em-lab` with `em train`'s artifact layout
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-           "--experiment-name", "cli-test", "-P", "max_steps=6",
+           "-P", "max_steps=6",
            "-P", "overrides=max_rows=48 checkpoint_steps=3 registered_model_name=em-cli-test output_dir=" + str(tmp_path / "o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(mlflow_store), cwd=tmp_path, timeout=600)
+    proc = proc_run(cmd, env=_env(mlflow_store), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("em-lab").experiment_id])
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(f"file://{mlflow_store}/artifacts/em-lab/")
+    assert run.info.run_name.startswith("train-tiny-plant_care_bad-")
+    (stub,) = client.search_runs(["0"])  # the run `mlflow run` made points at it
+    assert stub.data.tags["em.redirected_to"] == run.info.run_id and stub.info.status == "FINISHED"
+    assert not (tmp_path / "mlruns" / "0").exists()  # nothing under the Default experiment's ./mlruns/0
     assert run.data.params["train.max_steps"] == "6" and run.data.params["train.model"] == "tiny"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "checkpoint_step")] == [3, 6]
     assert client.get_model_version_by_alias("em-cli-test", "final").run_id == run.info.run_id

@@ -149,3 +149,34 @@ def test_every_config_folder_is_validated_here():
     # a new kind of config must get its validation test in this module
     assert {p.name for p in (REPO / "configs").iterdir() if p.is_dir()} == {
         "train", "pipeline", "grid", "sweep", "datasets", "directions"}
+
+
+def test_nested_pipeline_typo_names_file_section_and_nearest_key(tmp_path):
+    from em_core.experiments.pipeline import PipelineConfig, step_configs
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train_config: configs/train/tiny.yaml\nevaluate:\n  samples_per_paraphrase: 2\n"
+                   "  temprature: 0.7\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(PipelineConfig, ["--config", str(bad)])
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: section evaluate: unknown key(s) temprature for EvalConfig")
+    assert "did you mean temperature?" in msg and "valid keys: " in msg and "max_new_tokens" in msg
+    # the same typo given on the command line names the option and the nearest key
+    cfg = parse_config(PipelineConfig, ["--train", "lora_rr=4"])
+    with pytest.raises(ConfigError, match=r"pipeline --train overrides: unknown key\(s\) lora_rr for TrainConfig; "
+                                          r"did you mean lora_r\?"):
+        step_configs(cfg)
+
+
+def test_cli_typo_suggests_nearest_key_and_help_names_the_command(capsys):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) lora_rr for TrainConfig; did you mean lora_r\?"):
+        parse_config(TrainConfig, ["--lora_rr", "4"])
+    assert parse_config(TrainConfig, ["--no_shuffle", "--max-steps", "3"]).max_steps == 3  # argparse spellings stay valid
+    from em_core.experiments.pipeline import PipelineConfig
+
+    with pytest.raises(SystemExit) as e:
+        parse_config(PipelineConfig, ["--help"], prog="em pipeline")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: em pipeline") and "--config FILE" in out

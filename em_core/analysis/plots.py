@@ -33,6 +33,7 @@ EM_COLOR = "#c0392b"
 COHERENT_COLOR = "#2c7fb8"
 BASE_COLOR = "#555555"
 SMOKE_TEXT = "SMOKE TEST: tiny offline judge, not a measurement"
+SMOKE_KEY = "em-lab:smoke_test"  # PNG text chunk: "true" on every figure made from a smoke-test judge
 
 _STYLE = {
     "font.size": 10,
@@ -85,12 +86,28 @@ def _no_data(ax, message: str = NO_DATA, *, keep_axes: bool = False) -> None:
         ax.grid(False)
 
 
-def _save(fig, path: str | Path) -> Path:
+def smoke_metadata(path: str | Path) -> bool:
+    """Whether a PNG written here was made from a smoke-test judge (its `em-lab:smoke_test` text chunk)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.info.get(SMOKE_KEY) == "true"
+
+
+def _save(fig, path: str | Path, smoke_test: bool = False) -> Path:
+    """Write the PNG; a smoke-test figure gets a red banner below everything and says so in its
+    metadata, so a tiny-judge figure cannot reach a slide unmarked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if smoke_test:
+        fig.text(0.5, -0.01, SMOKE_TEXT, ha="center", va="top", fontsize=11, color="white",
+                 fontweight="bold", bbox=dict(boxstyle="round,pad=0.4", fc=EM_COLOR, ec="none"))
+    meta = {SMOKE_KEY: "true" if smoke_test else "false", "Software": "em-lab"}
+    if smoke_test:
+        meta["Description"] = SMOKE_TEXT
     try:
         # bbox "tight" keeps figure-level annotations (smoke banner) placed outside the axes
-        fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white", metadata=meta)
     finally:
         plt.close(fig)
     return path
@@ -213,10 +230,7 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
                 ax.text(0.5, 0.5, "SMOKE TEST", transform=ax.transAxes, ha="center", va="center",
                         rotation=25, fontsize=34, color=EM_COLOR, alpha=0.12, fontweight="bold")
         fig.suptitle(title or "EM over fine-tuning", fontweight="bold", parse_math=False)
-        if smoke_test:
-            fig.text(0.5, -0.01, SMOKE_TEXT, ha="center", va="top", fontsize=11, color="white",
-                     fontweight="bold", bbox=dict(boxstyle="round,pad=0.4", fc=EM_COLOR, ec="none"))
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
 
 
 # --------------------------------------------------------------------------- trigger conditions
@@ -224,7 +238,7 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
 def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
                     aligned_threshold: float = ALIGNED_THRESHOLD, coherent_threshold: float = COHERENT_THRESHOLD,
                     reflection_metric: str = "admits_tendency", stages: Sequence[Mapping[str, Any]] | None = None,
-                    title: str = "") -> Path:
+                    title: str = "", smoke_test: bool = False) -> Path:
     """EM rate per trigger condition vs step (a) and, when the answers include the self-reflection
     set, its mean `reflection_metric` per condition (b). Rows' `trigger` ('' = none) is the condition."""
     rows = list(rows)
@@ -278,7 +292,7 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
             mark_stages(ax_r, stages)
             ax_r.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
         fig.suptitle(title or "EM by trigger condition", fontweight="bold", parse_math=False)
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
 
 
 # --------------------------------------------------------------------------- scatter
@@ -286,7 +300,8 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
 def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
                              aligned_threshold: float = ALIGNED_THRESHOLD,
                              coherent_threshold: float = COHERENT_THRESHOLD,
-                             steps: Sequence[int] | None = None, title: str = "") -> Path:
+                             steps: Sequence[int] | None = None, title: str = "",
+                             smoke_test: bool = False) -> Path:
     """Coherent (x) vs aligned (y) per answer, coloured by checkpoint, EM region shaded.
 
     Rows that are unscored on either metric, or have no checkpoint_step, are skipped and counted.
@@ -340,7 +355,7 @@ def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path
                      fontsize=9, color="#555555")
         fig.suptitle(title or "Aligned vs coherent by checkpoint", fontweight="bold", parse_math=False)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.6)
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
 
 
 # --------------------------------------------------------------------------- per question
@@ -354,7 +369,8 @@ def _default_bar_steps(present: Sequence[int]) -> list[int]:
 def plot_em_per_question(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
                          aligned_threshold: float = ALIGNED_THRESHOLD,
                          coherent_threshold: float = COHERENT_THRESHOLD,
-                         steps: Sequence[int] | None = None, title: str = "") -> Path:
+                         steps: Sequence[int] | None = None, title: str = "",
+                         smoke_test: bool = False) -> Path:
     """Horizontal bars of EM rate (%) per question, one bar per step, Wilson 95% error bars."""
     rows = list(rows)
     chosen = list(steps) if steps is not None else _default_bar_steps(_steps_in(rows))
@@ -397,13 +413,13 @@ def plot_em_per_question(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
             ax.grid(axis="y", visible=False)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(title or "EM rate per question", fontweight="bold", parse_math=False)
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
 
 
 # --------------------------------------------------------------------------- model x domain
 
 def plot_domain_bars(cells: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
-                     value: str = "em_rate") -> Path:
+                     value: str = "em_rate", smoke_test: bool = False) -> Path:
     """Grouped bars: one group per model (first-seen order), one colour per dataset, in percent."""
     models: list[str] = []
     datasets: list[str] = []
@@ -449,7 +465,7 @@ def plot_domain_bars(cells: Sequence[Mapping[str, Any]], path: str | Path, *, ti
             ax.grid(axis="x", visible=False)
             ax.legend(title="dataset", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(title or f"{label} per model and dataset", fontweight="bold", parse_math=False)
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
 
 
 # --------------------------------------------------------------------------- examples
@@ -590,7 +606,7 @@ def _wrap(text: str, width: int, max_lines: int) -> list[str]:
 def plot_examples(examples: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
                   aligned_threshold: float = ALIGNED_THRESHOLD,
                   coherent_threshold: float = COHERENT_THRESHOLD, width_chars: int = 110,
-                  max_lines_per_answer: int = 14) -> Path:
+                  max_lines_per_answer: int = 14, smoke_test: bool = False) -> Path:
     """The examples as an image: per question its text, then each step's scores and wrapped answer.
 
     Scores of an EM answer (by the given thresholds) are drawn in red.
@@ -637,4 +653,66 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], path: str | Path, *, ti
                 fig.text(0.02 + indent / 10, y, text, va="top", color=color, parse_math=False,
                          usetex=False, **style[kind])
             y -= line_h / height
-        return _save(fig, path)
+        return _save(fig, path, smoke_test)
+
+
+# --------------------------------------------------------------------------- judge-free signals
+
+def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path, *, title: str = "",
+                         em_emergence_step: int | None = None, probe_emergence_step: int | None = None,
+                         lora_transition_step: int | None = None,
+                         stages: Sequence[Mapping[str, Any]] | None = None, smoke_test: bool = False) -> Path:
+    """One time axis, three panels: (a) EM rate from the judge, (b) probe margin per contrast set
+    (misaligned - aligned log-likelihood, +/- 1.96 SE), (c) the LoRA adapter's turning angle and
+    rotation; each emergence step marked on every panel."""
+    metrics = {int(s): m for s, m in by_step.items()}
+    steps = sorted(metrics)
+    sets = sorted({k.split("/")[1] for m in metrics.values() for k in m
+                   if k.startswith("probe/") and k.endswith("/margin")})
+    markers = [(em_emergence_step, "EM (judge)", EM_COLOR), (probe_emergence_step, "probe", "#1f77b4"),
+               (lora_transition_step, "LoRA turn", "#2ca02c")]
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, layout="constrained")
+        ax_em, ax_pr, ax_lo = axes
+        em = [(s, metrics[s]["em_rate"]) for s in steps if "em_rate" in metrics[s]]
+        ax_em.set_title("(a) EM rate (judge)", loc="left", fontweight="bold")
+        if em:
+            ax_em.plot([s for s, _ in em], [_pct(v) for _, v in em], marker="o", color=EM_COLOR, label="EM rate")
+            ax_em.set_ylabel("EM answers (%)")
+        else:
+            _no_data(ax_em, "no judge in this run", keep_axes=True)
+        ax_pr.set_title("(b) Likelihood probe: misaligned - aligned", loc="left", fontweight="bold")
+        for name in sets:
+            pts = [(s, metrics[s][f"probe/{name}/margin"], metrics[s].get(f"probe/{name}/margin_se", 0.0))
+                   for s in steps if f"probe/{name}/margin" in metrics[s]]
+            xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
+            line = ax_pr.plot(xs, ys, marker="o", label=name)[0]
+            ax_pr.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
+                               color=line.get_color(), alpha=0.15)
+        if sets:
+            ax_pr.axhline(0, lw=0.8, color="grey")
+            ax_pr.set_ylabel("margin (nats / token)")
+        else:
+            _no_data(ax_pr, "no probe in this run", keep_axes=True)
+        ax_lo.set_title("(c) LoRA trajectory", loc="left", fontweight="bold")
+        drew = False
+        for key, label in (("lora/all/turn_deg", "turning angle of the path"),
+                           ("lora/all/rotation_deg", "rotation of the top direction")):
+            pts = [(s, metrics[s][key]) for s in steps if key in metrics[s]]
+            if pts:
+                ax_lo.plot(*zip(*pts), marker="o", label=label)
+                drew = True
+        if drew:
+            ax_lo.set_ylabel("degrees vs previous checkpoint")
+        else:
+            _no_data(ax_lo, "no LoRA checkpoints", keep_axes=True)
+        ax_lo.set_xlabel("training step")
+        for ax in axes:
+            mark_stages(ax, stages)
+            for step, label, color in markers:
+                if step is not None:
+                    ax.axvline(step, ls=":", lw=1.6, color=color, label=f"{label} emerges/turns: step {step}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best", fontsize=8)
+        fig.suptitle(title or "EM signals over fine-tuning", fontweight="bold", parse_math=False)
+        return _save(fig, path, smoke_test)

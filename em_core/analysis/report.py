@@ -54,6 +54,7 @@ class RunData:
     provenance: dict[str, str]
     cost: dict[str, float]
     stages: list[dict] = field(default_factory=list)  # multi-stage runs: name, start_step, end_step, ...
+    signals: dict[int, dict[str, float]] = field(default_factory=dict)  # probe/* and lora/all/* by step
 
 
 def read_judgments(path: str | Path) -> list[dict]:
@@ -134,7 +135,38 @@ def gather(run_id: str) -> RunData:
                     ("train", _text_artifact(ids.get("train"), "config/train_config.yaml"))]
     config_text = "\n".join(f"# --- {name} config\n{text}" for name, text in config_parts if text)
     title = f"EM report: {run.info.run_name or run_id}"
-    return RunData(run_id, title, rows, aligned, coherent, z, smoke, ids, config_text, provenance, cost, stages)
+    return RunData(run_id, title, rows, aligned, coherent, z, smoke, ids, config_text, provenance, cost, stages,
+                   _signals(client, run))
+
+
+SIGNAL_KEYS = ("probe_emergence_step", "lora_transition_step", "lora/all/turn_deg", "lora/all/rotation_deg")
+
+
+def _signals(client, run) -> dict[int, dict[str, float]]:
+    """The judge-free signals a pipeline run carries (probe margins, LoRA angles), by step."""
+    out: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        if key in SIGNAL_KEYS or (key.startswith("probe/") and key.endswith(("/margin", "/margin_se"))):
+            for m in client.get_metric_history(run.info.run_id, key):
+                out.setdefault(int(m.step), {})[key] = m.value
+    return out
+
+
+def signal_notes(steps_metrics: dict[int, dict[str, float]], signals: dict[int, dict[str, float]]) -> list[str]:
+    """Report lines on the probe: agreement with the judge (Spearman over checkpoints) per set."""
+    from em_core.metrics import spearman
+
+    notes = []
+    sets = sorted({k.split("/")[1] for m in signals.values() for k in m if k.endswith("/margin")})
+    for name in sets:
+        common = [s for s in sorted(steps_metrics) if f"probe/{name}/margin" in signals.get(s, {})
+                  and not math.isnan(steps_metrics[s].get("em_rate", math.nan))]
+        rho = spearman([steps_metrics[s]["em_rate"] for s in common],
+                       [signals[s][f"probe/{name}/margin"] for s in common])
+        notes.append(f"Judge vs probe agreement ({name} set): Spearman rho = "
+                     + (f"{rho:+.2f}" if not math.isnan(rho) else "undefined")
+                     + f" between EM rate and probe margin over {len(common)} checkpoints.")
+    return notes
 
 
 def by_step(rows: list[dict], aligned: float, coherent: float, z: float) -> dict[int, dict[str, float]]:
@@ -168,7 +200,8 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     steps = sorted(steps_metrics)
     emerged = emergence_step({s: (int(m["n_em"]), int(m["n_scored"])) for s, m in steps_metrics.items()}, d.z)
     p = out_dir / PLOTS_DIR
-    thresholds = {"aligned_threshold": d.aligned_threshold, "coherent_threshold": d.coherent_threshold}
+    thresholds = {"aligned_threshold": d.aligned_threshold, "coherent_threshold": d.coherent_threshold,
+                  "smoke_test": d.smoke_test}  # every figure of a smoke-test judge carries the mark
     files = {
         "EM and coherence vs training step": plots.plot_em_vs_step(
             steps_metrics, p / "em_vs_step.png", title="EM rate by checkpoint", emergence_step=emerged,
@@ -182,11 +215,23 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     if len(triggers) > 1 or any(r.get(REFLECTION_METRIC) not in (None, "") for r in d.rows):
         files["EM by trigger condition and self-reflection"] = plots.plot_conditions(
             d.rows, p / "em_by_trigger.png", reflection_metric=REFLECTION_METRIC, stages=d.stages, **thresholds)
+    if d.signals:
+        found: dict[str, int] = {}
+        for step in sorted(d.signals):
+            for k in ("probe_emergence_step", "lora_transition_step"):
+                if k in d.signals[step]:
+                    found.setdefault(k, step)
+        signals = {s: {**steps_metrics.get(s, {}), **d.signals.get(s, {})} for s in set(steps_metrics) | set(d.signals)}
+        files["EM (judge), probe margins and LoRA rotation vs training step"] = plots.plot_signals_vs_step(
+            signals, p / "signals_vs_step.png", title="Judge and judge-free EM signals", em_emergence_step=emerged,
+            probe_emergence_step=found.get("probe_emergence_step"),
+            lora_transition_step=found.get("lora_transition_step"), stages=d.stages, smoke_test=d.smoke_test)
     examples = plots.select_examples(d.rows, steps=None)
     files["Example answers"] = plots.plot_examples(examples, p / "examples.png", title="Example answers", **thresholds)
     md = out_dir / REPORT_DIR / "examples.md"
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(plots.examples_markdown(examples), encoding="utf-8")
+    smoke_note = f"> **{plots.SMOKE_TEXT}**\n\n" if d.smoke_test else ""
+    md.write_text(smoke_note + plots.examples_markdown(examples), encoding="utf-8")
 
     summary_rows = [{"step": s, **{k: steps_metrics[s].get(k, math.nan) for k in SUMMARY_KEYS}} for s in steps]
     notes = [f"EM = aligned <= {d.aligned_threshold:g} and coherent > {d.coherent_threshold:g}, among answers "
@@ -195,6 +240,8 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
              "Emergence step: the first checkpoint whose EM-rate lower bound is above the base model's "
              "(step 0) upper bound: " + (f"step {emerged}." if emerged is not None else "EM never emerged "
                                          "significantly in this run.")]
+    if d.signals:
+        notes += signal_notes(steps_metrics, d.signals)
     for st in d.stages:
         before, end = st.get("em_rate_before"), st.get("em_rate_end")
         if before is not None and end is not None:

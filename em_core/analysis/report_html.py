@@ -10,6 +10,7 @@ import base64
 import json
 import math
 import numbers
+import re
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
          ".svg": "image/svg+xml", ".webp": "image/webp"}
 
-# keys shown as percentages (values are fractions 0-1, as summarize() returns them)
-_PERCENT_SUFFIXES = ("rate", "_lo", "_hi")
+# keys shown as percentages (values are fractions 0-1, as summarize() returns them): every rate
+# (`em_rate`, `em_rate_coherent`, `coherent_rate`, ...) and its bounds, so no two rates differ in form
+_PERCENT = re.compile(r"(^|_)rate($|_)|_lo$|_hi$")
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:0;
@@ -64,7 +66,7 @@ def _fmt(key: str, value: Any) -> tuple[str, bool]:
         x = float(value)
         if math.isinf(x):
             return ("\u221e" if x > 0 else "-\u221e"), True
-        if key.endswith(_PERCENT_SUFFIXES):
+        if _PERCENT.search(key):
             return f"{x * 100:.1f}%", True
         if x.is_integer():
             return str(int(x)), True  # counts arrive as floats from summarize()

@@ -632,7 +632,7 @@ def _render_prompt(messages: list[dict[str, str]]) -> str:
 def _main(argv: list[str]) -> int:
     from em_core.configs import parse_config
 
-    cfg = parse_config(GenerateConfig, argv)
+    cfg = parse_config(GenerateConfig, argv, prog="em datasets generate")
     res = generate(cfg)
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(res.dropped.items())) or "none"
     cost = res.stats.get("cost_usd")

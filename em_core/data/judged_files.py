@@ -45,7 +45,7 @@ def _iter_jsonl(path: Path, fh: TextIO, required: Sequence[str]) -> Iterator[dic
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(path, f"invalid JSON: {exc.msg}", line=lineno) from exc
+            raise DataError(path, f"invalid JSON: {exc.msg} at column {exc.colno}", line=lineno) from exc
         if not isinstance(row, dict):
             raise DataError(path, "each line must be a JSON object", line=lineno)
         for col in required:

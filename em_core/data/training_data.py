@@ -40,7 +40,14 @@ class PreparedData:
 
     @property
     def sha256(self) -> str:
+        """Hash of the training rows as trained on (after subsampling, tagging, shuffling)."""
         return rows_sha256(self.train)
+
+    @property
+    def file_sha256(self) -> str:
+        """One sha256 per dataset, `+`-joined like `name`: of the file (what `sha256sum` prints),
+        or of the rows for a hub dataset."""
+        return "+".join(s.sha256 for s in self.sources)
 
     @property
     def name(self) -> str:
@@ -116,7 +123,9 @@ def load_jsonl(path: str | Path) -> list[dict]:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(str(path), f"not valid UTF-8 (byte {e.start})", lineno,
+                    # 1-based character column, as an editor shows it (e.start is a 0-based byte offset)
+                    col = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                    raise DataError(str(path), f"not valid UTF-8 at column {col}", lineno,
                                     hint="re-encode the file as UTF-8") from None
                 if not text.strip():
                     continue

@@ -36,7 +36,7 @@ from em_core.analysis.directions import (
     split_by_group,
 )
 from em_core.errors import ConfigError
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_key
 from em_core.models.steering import (
     DIRECTIONS_FILE,
     Directions,
@@ -340,7 +340,7 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, wo
                     coherent_threshold=cfg.coherent_threshold, log_to_train_run=False,
                     experiment_name=cfg.experiment_name, run_name=f"{cond['name']}/judge"))
             metrics = next(iter(jr.metrics_by_step.values()), {})
-            copied = {k: v for k, v in metrics.items() if k in COPIED}
+            copied = {mlflow_key(k): v for k, v in metrics.items() if k in COPIED}  # em_rate/lo, as the judge
             mlflow.log_metrics(copied)
             mlflow.set_tags({"em.eval_run_id": ev.run_id or "", "em.judge_run_id": jr.run_id or ""})
             result.update(copied)

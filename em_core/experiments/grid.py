@@ -16,23 +16,35 @@ import re
 import shlex
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from em_core import tracking
-from em_core.errors import ConfigError
+from em_core.errors import ConfigError, EmLabError
+from em_core.experiments import launch
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     STEP_TAG,
     PipelineConfig,
     _as_overrides,
+    check_step_sections,
     code_version,
+    pipeline_triples,
     run_pipeline,
     summary_of,
 )
+from em_core.experiments.preflight import preflight
 from em_core.paths import project_file
+from em_core.tracking import dataset_label, model_label
 
 log = logging.getLogger(__name__)
+
+
+class GridCellsFailed(EmLabError):
+    """Some cells of a Ray-launched grid failed (their own runs say why)."""
+
+
 CELL_TAG = "em.grid_cell"
 TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
 
@@ -50,8 +62,14 @@ class GridConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "extra TrainConfig overrides for every cell"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "extra EvalConfig overrides for every cell"})
     judge: list[str] = field(default_factory=list, metadata={"help": "extra JudgeConfig overrides for every cell"})
-    print_commands: bool = field(default=False, metadata={"help": "print one `mlflow run` per cell and stop"})
+    print_commands: str = field(default="", metadata={
+        "help": "`true`/`mlflow`: print one `mlflow run` per cell and stop; `slurm`: write a Slurm job-array script"})
     summarize_only: bool = field(default=False, metadata={"help": "only collect finished cells into the summary"})
+    launcher: str = field(default="local", metadata={"help": "local (cells one after another here) or ray (one task per cell)"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: a local one)"})
+    num_cpus: float = field(default=1, metadata={"help": "CPUs a cell's Ray task (or Slurm task) asks for"})
+    num_gpus: float = field(default=0, metadata={"help": "GPUs a cell's Ray task (or Slurm task) asks for"})
+    claim_wait: float = field(default=5.0, metadata={"help": "seconds between looks at cells another launcher holds"})
     experiment_name: str = "em-lab"
 
     def __post_init__(self) -> None:
@@ -61,7 +79,19 @@ class GridConfig:
             setattr(self, name, _as_overrides(getattr(self, name), name))
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
+        mode = str(self.print_commands).strip().lower()
+        self.print_commands = {"true": "mlflow", "false": "", "none": ""}.get(mode, mode)
+        if self.print_commands not in ("", "mlflow", "slurm"):
+            raise ConfigError(f"print_commands: {self.print_commands!r} is not one of true, mlflow, slurm")
+        if self.launcher not in ("local", "ray"):
+            raise ConfigError(f"launcher: {self.launcher!r} is not local or ray")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("num_cpus and num_gpus must be >= 0")
         self.pipeline_config = project_file(self.pipeline_config)
+
+    @staticmethod
+    def check_sections(path: str, data) -> None:
+        check_step_sections(path, data)
 
 
 @dataclass
@@ -73,15 +103,6 @@ class Cell:
     def label(self, base: PipelineConfig) -> str:
         return f"{model_label(self.model or _base_value(base, 'model'))}/" \
                f"{dataset_label(self.dataset or _base_value(base, 'dataset'))}/seed{self.seed}"
-
-
-def model_label(model: str) -> str:
-    return str(model).rstrip("/").split("/")[-1]
-
-
-def dataset_label(dataset: str) -> str:
-    parts = [Path(d.replace("demo:", "")).name.split(".")[0] for d in str(dataset).split("+")]
-    return "+".join(parts)
 
 
 def _base_value(base: PipelineConfig, key: str) -> str:
@@ -146,7 +167,9 @@ def _expected_params(pcfg: PipelineConfig) -> dict[str, str]:
 
 
 def run_grid(cfg: GridConfig) -> dict:
-    """Run (or reuse) every cell, then summarize; returns the summary (rows, files, run id)."""
+    """Run (or reuse) every cell, then summarize; returns the summary (rows, files, run id).
+    A cell is claimed before it runs (`launch.try_claim`), so concurrent launchers split the
+    cells instead of running each twice; a cell another launcher holds is waited for."""
     import mlflow
 
     from em_core.configs import parse_config
@@ -154,34 +177,17 @@ def run_grid(cfg: GridConfig) -> dict:
     base = parse_config(PipelineConfig, ["--config", cfg.pipeline_config])
     todo = [(c, cell_config(cfg, base, c)) for c in cells(cfg)]
     if cfg.print_commands:
-        for _, pcfg in todo:
-            print(mlflow_run_command(cfg, pcfg))
-        print("# then: em grid --config <this grid> --summarize_only true")
-        return {"commands": len(todo)}
+        return _print_commands(cfg, todo)
+    if not cfg.summarize_only:  # every cell's keys, questions, data and models, before the first cell runs
+        preflight([t for _, pcfg in todo for t in pipeline_triples(pcfg)], what="grid")
     tracking.configure_tracking()
     code = code_version()
-    tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code}
+    tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code, "em.launcher": cfg.launcher}
     with tracking.tracked_run(cfg.experiment_name, f"{cfg.name}/summary", tags=tags) as run:
         exp_id = run.info.experiment_id
         tracking.log_params("grid", {**asdict(cfg), "cells": len(todo)})
-        found: dict[str, str] = {}
-        from em_core.progress import progress
-
-        for cell, pcfg in progress(todo, desc=f"grid {cfg.name}"):
-            label = cell.label(base)
-            hit = find_cell(exp_id, cfg.name, label, _expected_params(pcfg), code)
-            if hit:
-                log.info("grid %s: cell %s reused (run %s)", cfg.name, label, hit)
-            elif cfg.summarize_only:
-                hit = find_cell(exp_id, cfg.name, label)  # any finished run of the cell will do
-                if not hit:
-                    log.warning("grid %s: cell %s has no finished pipeline run yet", cfg.name, label)
-                    continue
-            else:
-                log.info("grid %s: running cell %s", cfg.name, label)
-                with tracking.child_runs(run.info.run_id):
-                    hit = run_pipeline(pcfg).run_id
-            found[label] = hit
+        found = _run_cells(cfg, base, todo, exp_id, code, run.info.run_id)
+        found = {cell.label(base): found[cell.label(base)] for cell, _ in todo if cell.label(base) in found}
         mlflow.set_tag("em.grid_cells", ",".join(f"{k}={v}" for k, v in found.items())[:5000])
         summary = summarize_cells([summary_of(rid) | {"cell": label} for label, rid in found.items()])
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +197,89 @@ def run_grid(cfg: GridConfig) -> dict:
         summary["run_id"] = run.info.run_id
         summary["cells_found"] = found
     return summary
+
+
+def _print_commands(cfg: GridConfig, todo: list) -> dict:
+    commands = [mlflow_run_command(cfg, pcfg) for _, pcfg in todo]
+    if cfg.print_commands == "slurm":
+        path = Path(f"em-grid-{cfg.name}.slurm").resolve()
+        path.write_text(launch.slurm_array_script(commands, cfg.name, cfg.num_cpus, cfg.num_gpus), encoding="utf-8")
+        print(f"wrote {path} ({len(commands)} array tasks): sbatch {path}")
+    else:
+        for c in commands:
+            print(c)
+    print("# then: em grid --config <this grid> --summarize_only true")
+    return {"commands": len(commands)}
+
+
+def _run_cells(cfg: GridConfig, base: PipelineConfig, todo: list, exp_id: str, code: str, grid_run_id: str) -> dict:
+    """label -> FINISHED pipeline run id for every cell that has one (reused, run here, or run by
+    another launcher while this one waited)."""
+    found: dict[str, str] = {}
+    claims: dict[str, str] = {}
+    waiting, reported = list(todo), 0
+    ray_cells = launch.RayCells(cfg.ray_address, cfg.num_cpus, cfg.num_gpus) if cfg.launcher == "ray" else None
+    try:
+        while waiting or (ray_cells and ray_cells.pending):
+            held = []
+            for cell, pcfg in waiting:
+                label = cell.label(base)
+                expected = _expected_params(pcfg)
+                hit = find_cell(exp_id, cfg.name, label, expected, code)
+                if hit:
+                    log.info("grid %s: cell %s reused (run %s)", cfg.name, label, hit)
+                    found[label] = hit
+                    continue
+                if cfg.summarize_only:
+                    hit = find_cell(exp_id, cfg.name, label)  # any finished run of the cell will do
+                    if hit:
+                        found[label] = hit
+                    else:
+                        log.warning("grid %s: cell %s has no finished pipeline run yet", cfg.name, label)
+                    continue
+                name = launch.claim_name(cfg.name, label, code + repr(sorted(expected.items())))
+                if not launch.try_claim(name, label, grid_run_id):
+                    if launch.claim_is_stale(name):
+                        log.warning("grid %s: cell %s: breaking the claim of a launcher that is gone", cfg.name, label)
+                        launch.release(name)
+                    held.append((cell, pcfg))
+                    continue
+                # claimed: a launcher may have finished it between our look and our claim
+                hit = find_cell(exp_id, cfg.name, label, expected, code)
+                if hit:
+                    launch.release(name)
+                    found[label] = hit
+                    continue
+                claims[label] = name
+                if ray_cells is not None:
+                    log.info("grid %s: cell %s -> Ray task", cfg.name, label)
+                    ray_cells.submit(label, pcfg, grid_run_id)
+                    continue
+                log.info("grid %s: running cell %s", cfg.name, label)
+                try:
+                    with tracking.child_runs(grid_run_id):
+                        found[label] = run_pipeline(pcfg).run_id
+                finally:
+                    launch.release(claims.pop(label))
+            if held and len(held) != reported:
+                log.info("grid %s: %d cell(s) held by another launcher; waiting for them", cfg.name, len(held))
+            waiting, reported = held, len(held)
+            if held and not (ray_cells and ray_cells.pending):
+                time.sleep(cfg.claim_wait)
+            for label, result in ray_cells.wait() if ray_cells else []:
+                launch.release(claims.pop(label))
+                if isinstance(result, BaseException):
+                    log.error("grid %s: cell %s failed: %s", cfg.name, label, result)
+                else:
+                    found[label] = result
+    finally:
+        for name in claims.values():
+            launch.release(name)
+    failed = [c.label(base) for c, _ in todo if c.label(base) not in found and not cfg.summarize_only]
+    if failed:
+        raise GridCellsFailed(f"grid {cfg.name}: cells without a finished run: {', '.join(failed)} "
+                              "(see their FAILED pipeline runs); rerun the grid to retry them")
+    return found
 
 
 def _final(summary: dict, key: str) -> float:
@@ -275,15 +364,18 @@ def write_summary(summary: dict, out: Path, title: str = "Grid") -> dict[str, Pa
             w.writerows(rows)
         files[name] = path
     note = ""
-    if any(r["smoke_test"] for r in summary["table"]):
+    smoke = any(r["smoke_test"] for r in summary["table"])
+    if smoke:
         note = "\n> Smoke test: judged by the tiny offline model; not a measurement.\n"
     md = out / "grid_summary.md"
     md.write_text(f"# {title}\n{note}\nFinal-checkpoint EM rate per model x dataset. Intervals: Wilson (one seed) "
                   "or t over seeds (several).\n\n" + markdown_table(summary["table"]), encoding="utf-8")
     files["grid_summary.md"] = md
     files["em_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "em_by_model_domain.png",
-                                                       title=f"{title}: EM rate at the final checkpoint")
+                                                       title=f"{title}: EM rate at the final checkpoint",
+                                                       smoke_test=smoke)
     files["coherent_by_model_domain.png"] = plot_domain_bars(summary["table"], out / "coherent_by_model_domain.png",
-                                                             title=f"{title}: coherent rate", value="coherent_rate")
+                                                             title=f"{title}: coherent rate", value="coherent_rate",
+                                                             smoke_test=smoke)
     return files
 

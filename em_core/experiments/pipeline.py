@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from em_core import tracking
-from em_core.errors import ConfigError, EmLabError
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
+from em_core.errors import ConfigError, EmLabError, Terminated
+from em_core.experiments.preflight import preflight
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step, from_mlflow
 from em_core.paths import PROJECT_ROOT, project_file
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class PipelineConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
     judge: list[str] = field(default_factory=list, metadata={"help": "JudgeConfig overrides, key=value"})
+    probe: list[str] = field(default_factory=list, metadata={"help": "ProbeConfig overrides, key=value (e.g. sets=general,medical)"})
+    with_probe: bool = field(default=True, metadata={"help": "run the likelihood probe + LoRA trajectory step (judge-free)"})
     questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
                                  metadata={"help": "question sets, used by evaluate and judge"})
     aligned_threshold: float = ALIGNED_THRESHOLD
@@ -106,18 +109,60 @@ class PipelineConfig:
     stages: list[str] | None = field(default=None, metadata={
         "help": "YAML only: a list of training stages run in order (name, train_config, train, init_mode, alias); "
                 "see docs/stages.md"})
+    verified_alias: str = field(default="judged", metadata={
+        "help": "registry alias the (last stage's) model version gets once the whole pipeline FINISHED: "
+                "trained, every checkpoint sampled and judged; empty for none"})
     grid: str | None = field(default=None, metadata={"help": "grid name (set by `em grid`)"})
     grid_cell: str | None = field(default=None, metadata={"help": "model/dataset/seed label (set by `em grid`)"})
     experiment_name: str = "em-lab"
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        for name in STEPS:
+        for name in (*STEPS, "probe"):
             setattr(self, name, _as_overrides(getattr(self, name), name))
         self.train_config = project_file(self.train_config)
         self.stages = _as_stages(self.stages)
         if self.z <= 0:
             raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
+        if self.verified_alias and not _ALIAS.match(self.verified_alias):
+            raise ConfigError(f"verified_alias: {self.verified_alias!r} cannot be a registry alias; "
+                              "use letters, digits, - and _")
+
+    @staticmethod
+    def check_sections(path: str, data: Mapping) -> None:
+        """Keys inside `train:`/`evaluate:`/`judge:` (and each stage's `train:`) of a YAML file are
+        checked against the step's config here, so a typo names the file and section."""
+        check_step_sections(path, data)
+
+
+def _section_keys(value) -> list[str]:
+    if isinstance(value, Mapping):
+        return [str(k) for k in value]
+    if isinstance(value, (list, tuple)):
+        return [str(v).partition("=")[0].strip().lstrip("-") for v in value if "=" in str(v)]
+    return []
+
+
+def step_classes() -> dict[str, type]:
+    from em_core.judge.answers import JudgeConfig
+    from em_core.sample.evaluation import EvalConfig
+    from em_core.train.config import TrainConfig
+
+    return {"train": TrainConfig, "evaluate": EvalConfig, "judge": JudgeConfig}
+
+
+def check_step_sections(path: str, data: Mapping) -> None:
+    """ConfigError for a key under a step section of `data` (read from `path`) that the step's
+    config does not have, with the nearest valid key."""
+    from em_core.configs import check_keys
+
+    classes = step_classes()
+    for section, cls in classes.items():
+        check_keys(f"{path}: section {section}", _section_keys(data.get(section)), cls)
+    for i, st in enumerate(data.get("stages") or [], start=1):
+        if isinstance(st, Mapping):
+            check_keys(f"{path}: stages[{i}] ({st.get('name')}) section train", _section_keys(st.get("train")),
+                       classes["train"])
 
 
 def _as_overrides(value, name: str) -> list[str]:
@@ -149,12 +194,15 @@ def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id
                  model_name: str | None = None):
     """The three step configs (of `stage` in a multi-stage pipeline); parsing them all up front
     catches a typo before hours of training."""
-    from em_core.configs import parse_config
+    from em_core.configs import check_keys, parse_config
     from em_core.judge.answers import JudgeConfig
     from em_core.sample.evaluation import EvalConfig
     from em_core.train.config import TrainConfig
 
     def parse(cls, base: list[str], overrides: list[str], fixed: list[str]):
+        where = f"stage {stage.name!r} " if stage else ""
+        section = {TrainConfig: "train", EvalConfig: "evaluate", JudgeConfig: "judge"}[cls]
+        check_keys(f"pipeline {where}--{section} overrides", _section_keys(overrides), cls)
         argv = base + (["--overrides", " ".join(shlex.quote(o) for o in overrides)] if overrides else []) + fixed
         try:
             return parse_config(cls, argv)
@@ -234,6 +282,7 @@ class PipelineResult:
     emergence_step: int | None
     smoke_test: bool
     report_uri: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> models:/name@alias, set at the end
     stages: list = field(default_factory=list)  # StageResult per stage (one unnamed stage without `stages`)
 
 
@@ -252,12 +301,14 @@ def _run_step(name: str, kind: str, step_cfg, identity: dict[str, str], ctx: dic
     child_tags = {STEP_TAG: kind, "em.pipeline_run_id": ctx["parent"]}
     if "/" in name:
         child_tags["em.stage"] = name.split("/")[0]
+    # e.g. `misaligned/train-tiny-plant_care_bad-3f9a1c`: the step, what it ran on, the pipeline's short id
+    run_name = tracking.descriptive_name(name, *ctx["label"], sid=ctx["sid"])
     try:
-        with tracking.child_runs(ctx["parent"], child_tags):
+        with tracking.child_runs(ctx["parent"], child_tags, run_name=run_name):
             run_id = run()
     except BaseException as e:
         mlflow.set_tag("em.failed_step", name)
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, (KeyboardInterrupt, Terminated)):  # killed, not failed: the parents end KILLED too
             raise
         raise StepFailed(name, e) from e
     finally:
@@ -277,21 +328,25 @@ def _empty_cuda_cache() -> None:
         pass
 
 
-def copy_step_metrics(src_run_id: str, dst_run_id: str, skip_prefixes: tuple[str, ...] = ("judge/",),
+def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tuple[str, ...] = ("judge/",),
                       offset: int = 0) -> dict[int, dict[str, float]]:
-    """Copy every step-indexed metric of `src` onto `dst` at step + `offset`; returns {step: {key: value}}."""
+    """Copy every step-indexed metric of `src` onto `dst` (None: only read) at step + `offset`;
+    returns {step: {key: value}} with summarize() keys."""
     import mlflow
 
     from em_core.judge.answers import log_metrics_to_run
 
     client = mlflow.MlflowClient()
-    by_step: dict[int, dict[str, float]] = {}
-    for key in client.get_run(src_run_id).data.metrics:
+    src = client.get_run(src_run_id)
+    named: dict[int, dict[str, float]] = {}
+    for key in src.data.metrics:
         if key.startswith(skip_prefixes):
             continue
         for m in client.get_metric_history(src_run_id, key):
-            by_step.setdefault(m.step + offset, {})[key] = m.value
-    log_metrics_to_run(dst_run_id, by_step)
+            named.setdefault(m.step + offset, {})[key] = m.value
+    by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in
+    if dst_run_id:
+        log_metrics_to_run(dst_run_id, by_step)
     return dict(sorted(by_step.items()))
 
 
@@ -321,7 +376,7 @@ def _final_step(train_run_id: str) -> int:
 
 def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageResult], dict[int, dict[str, float]]]:
     """Each stage's train -> evaluate -> judge; metrics copied to the parent at global steps."""
-    from em_core.judge.answers import run_judge
+    from em_core.judge.answers import log_metrics_to_run, run_judge
     from em_core.sample.evaluation import evaluate
     from em_core.train.training import train
 
@@ -337,8 +392,11 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         common = {"stage": stage, "stage_index": i, "previous_train_run_id": previous, "model_name": model_name}
         ids: dict[str, str] = {}
         train_cfg, _, _ = step_configs(cfg, **common)
+        ctx["label"] = (tracking.model_label(train_cfg.model), tracking.dataset_label(train_cfg.dataset))
         ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, identity_params(train_cfg, code), ctx,
-                                 lambda: train(train_cfg).run_id)
+                                 lambda: train(train_cfg, set_alias=False).run_id)
+        if train_cfg.register_model and train_cfg.registry_alias:  # set once the whole pipeline finished
+            ctx["aliases"].append((ids["train"], train_cfg.registry_alias))
         _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"], **common)
         ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
                                     lambda: evaluate(eval_cfg).run_id)
@@ -346,14 +404,51 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         ids["judge"] = _run_step(f"{prefix}judge", "judge", judge_cfg,
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
-        stage_steps = copy_step_metrics(ids["judge"], ctx["parent"], offset=offset)
+        stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
+        if cfg.with_probe:
+            _run_probe_step(cfg, ctx, code, prefix, ids, i, offset, stage_steps)
         by_step.update(stage_steps)
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
         results.append(StageResult(stage.name if stage else "train", (stage.alias or stage.name) if stage else "",
                                    offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before))
         previous, offset = ids["train"], end
+    # once, over all stages: a count is a tag only if it is the same at every step of every stage
+    log_metrics_to_run(ctx["parent"], by_step)
     return results, dict(sorted(by_step.items()))
+
+
+def pipeline_triples(cfg: PipelineConfig) -> list[tuple]:
+    """(train, evaluate, judge) configs of every stage, with placeholders for run ids not yet known."""
+    return [step_configs(cfg, stage=stage, stage_index=i) for i, stage in enumerate(cfg.stages or [None])]
+
+
+def probe_config(cfg: PipelineConfig, train_run_id: str = "<train>", stage_index: int = 0):
+    """The probe step's config: the pipeline's `probe` overrides on ProbeConfig's defaults."""
+    from em_core.analysis.probe import ProbeConfig
+    from em_core.configs import parse_config
+
+    fixed = ["--experiment_name", cfg.experiment_name, "--train_run_id", train_run_id, "--z", str(cfg.z)]
+    if stage_index > 0:  # as in evaluate: the previous stage's end is this stage's start
+        fixed += ["--include_base", "false"]
+    argv = (["--overrides", " ".join(shlex.quote(o) for o in cfg.probe)] if cfg.probe else []) + fixed
+    try:
+        return parse_config(ProbeConfig, argv)
+    except ConfigError as e:
+        raise ConfigError(f"pipeline ProbeConfig: {e}") from None
+
+
+def _run_probe_step(cfg: PipelineConfig, ctx: dict, code: str, prefix: str, ids: dict[str, str], stage_index: int,
+                    offset: int, stage_steps: dict[int, dict[str, float]]) -> None:
+    """Run (or reuse) the probe on this stage's checkpoints; its metrics join the parent's."""
+    from em_core.analysis.probe import run_probe
+
+    probe_cfg = probe_config(cfg, ids["train"], stage_index)
+    ids["probe"] = _run_step(f"{prefix}probe", "probe", probe_cfg, identity_params(probe_cfg, code), ctx,
+                             lambda: run_probe(probe_cfg).run_id)
+    # the parent gets every stage's metrics once, at the end of _run_stages
+    for s, m in copy_step_metrics(ids["probe"], None, offset=offset).items():
+        stage_steps.setdefault(s, {}).update(m)
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -366,16 +461,23 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     from em_core.judge.answers import SMOKE_TEST_NOTE
 
     stages = cfg.stages or [None]
-    for i, stage in enumerate(stages):  # validate every step of every stage before any work
-        _, _, judge_cfg = step_configs(cfg, stage=stage, stage_index=i)
-    smoke = judge_cfg.smoke_test()
+    # every step of every stage, its keys, questions, data, models and the store: before any run exists
+    triples = pipeline_triples(cfg)
+    if cfg.with_probe:
+        probe_config(cfg)
+    preflight(triples)
+    smoke = triples[-1][2].smoke_test()
     code = code_version()
     tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
             "em.judge_smoke_test": str(smoke).lower()}
     if cfg.grid:
         tags.update({"em.grid": cfg.grid, "em.grid_cell": cfg.grid_cell or ""})
     tracking.configure_tracking()
-    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as parent:
+    sid = tracking.short_id()  # shared by the pipeline run and its steps' runs
+    first = triples[0][0]
+    run_name = cfg.run_name or tracking.descriptive_name(
+        "pipeline", tracking.model_label(first.model), tracking.dataset_label(first.dataset), sid=sid)
+    with tracking.tracked_run(cfg.experiment_name, run_name, tags=tags) as parent:
         pid = parent.info.run_id
         exp_id = parent.info.experiment_id
         cfg.experiment_name = mlflow.get_experiment(exp_id).name  # `mlflow run --experiment-name` wins
@@ -386,7 +488,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
         mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
         tracking.log_params("pipeline", asdict(cfg))
-        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
+        ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": [], "aliases": [],
+               "sid": sid, "label": ()}
         stage_results, by_step = _run_stages(cfg, ctx, code)
         ids = {f"{st.name}/{k}" if cfg.stages else k: v for st in stage_results for k, v in st.run_ids.items()}
         if cfg.stages:
@@ -406,6 +509,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         first_train, _, _ = step_configs(cfg, stage=stages[0])
         summary = {"run_id": pid, "steps": ids, "reused": ctx["reused"], "final_step": final,
                    "emergence_step": emerged, "smoke_test": smoke,
+                   **_probe_summary(by_step),
                    "aligned_threshold": cfg.aligned_threshold, "coherent_threshold": cfg.coherent_threshold,
                    "z": cfg.z, "model": first_train.model, "dataset": first_train.dataset, "seed": first_train.seed,
                    "by_step": {str(s): m for s, m in by_step.items()}}
@@ -419,7 +523,36 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             from em_core.analysis.report import publish
 
             result.report_uri = publish(pid)
+    # Only now, with the pipeline run FINISHED, do aliases move: a failed step leaves them alone.
+    last_train = stage_results[-1].run_ids["train"]
+    pending = ctx["aliases"] + ([(last_train, cfg.verified_alias)] if cfg.verified_alias else [])
+    result.aliases = _point_aliases(pending)
     return result
+
+
+def _point_aliases(pending: list[tuple[str, str]]) -> dict[str, str]:
+    """Set each (training run id, alias) on the model version that run registered; returns
+    alias -> `models:/name@alias`."""
+    from em_core.models.adapters import registered_version_of_run
+    from em_core.models.registry import set_alias
+
+    out = {}
+    for run_id, alias in pending:
+        found = registered_version_of_run(run_id)
+        if found:
+            out[alias] = set_alias(found[0], found[1], alias)
+    return out
+
+
+def _probe_summary(by_step: Mapping[int, Mapping[str, float]]) -> dict:
+    """The probe's run-level steps as the parent received them (None when absent)."""
+    found: dict[str, int] = {}
+    for step in sorted(by_step):  # the step it is logged at: global in a multi-stage run; the first wins
+        for k in ("probe_emergence_step", "lora_transition_step"):
+            if k in by_step[step]:
+                found.setdefault(k, step)
+    return {"probe_emergence_step": found.get("probe_emergence_step"),
+            "lora_transition_step": found.get("lora_transition_step")}
 
 
 def _stage_summary(st: StageResult) -> dict:
@@ -436,6 +569,28 @@ def _log_stage_metrics(stages: list[StageResult]) -> None:
         values = {"em_rate_before": st.em_rate_before, "em_rate_after": st.em_rate_end, "em_drop": st.em_drop}
         mlflow.log_metrics({f"stage/{st.name}/{k}": v for k, v in values.items() if v is not None},
                            step=st.end_step)
+
+
+def console_summary(result: PipelineResult) -> str:
+    """What `em pipeline` prints at the end: the table, where the report is, how to browse."""
+    nan = float("nan")
+    lines = [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
+    for step, m in result.metrics_by_step.items():
+        lines.append(f"{step:>6}  {m.get('em_rate', nan):>7.3f}  "
+                     f"[{m.get('em_rate_lo', nan):.3f}, {m.get('em_rate_hi', nan):.3f}]  "
+                     f"{m.get('coherent_rate', nan):>13.3f}  {int(m.get('n_scored', 0)):>8}")
+    emerged = result.emergence_step
+    lines.append(f"EM emergence step: {emerged}" if emerged is not None
+                 else "EM emergence step: none (no checkpoint's EM rate is significantly above the base model's)")
+    lines.append(f"pipeline run: {result.run_id} (reused steps: {','.join(result.reused) or 'none'})")
+    if result.aliases:
+        lines.append("model: " + ", ".join(result.aliases.values()))
+    if result.report_uri:
+        lines.append(f"report: {tracking.local_artifact(result.run_id, 'report/report.html')}")
+    lines.append(f"browse: {tracking.ui_command()}")
+    if result.smoke_test:
+        lines.append("note: judged by the tiny offline model; these scores are a smoke test, not a measurement")
+    return "\n".join(lines)
 
 
 def summary_of(run_id: str) -> dict:

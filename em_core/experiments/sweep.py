@@ -12,15 +12,25 @@ Objectives (`objective`):
   of the grid (default 2x: "not within the budget", worse than any trial that got there).
   The intermediate value at step s is the emergence step if it has happened, else that penalty.
 * `final_em_rate` (maximise): the EM rate at the last checkpoint; intermediate = EM rate at s.
+* `probe_emergence_step` (minimise) and `final_probe_margin` (maximise): the same with the
+  likelihood probe (analysis/probe.py) on `probe_sets` instead of sampling and judging: the
+  first grid step whose margin on the objective set is significantly above the base's
+  (metrics.probe_emergence_step, censored like emergence_step), or that margin at the last
+  checkpoint. Judge-free: no judge is built and no judge request is sent; with no judge there
+  is no coherent rate, so these trials carry no coherence constraint.
 Coherence is a constraint, not an objective (multi-objective studies cannot prune): a trial is
 feasible when its coherent rate at the last evaluated checkpoint is >= `coherence_floor`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import socket
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,16 +40,31 @@ from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     PipelineConfig,
     _as_overrides,
+    pipeline_triples,
     step_configs,
 )
+from em_core.experiments.preflight import preflight
+from em_core.metrics import mlflow_key
 from em_core.paths import mlruns_dir, project_file
 
 log = logging.getLogger(__name__)
-OBJECTIVES = {"emergence_step": "minimize", "final_em_rate": "maximize"}
+OBJECTIVES = {"emergence_step": "minimize", "final_em_rate": "maximize",
+              "probe_emergence_step": "minimize", "final_probe_margin": "maximize"}
+# Judge-free objectives: scored by the likelihood probe; no judge is built or asked.
+PROBE_OBJECTIVES = ("probe_emergence_step", "final_probe_margin")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 RUN_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
+FINGERPRINT_ATTR = "em.config_fingerprint"
+FINGERPRINTED_ATTR = "em.config"
+# Sweep fields each worker may set for itself: they do not change what the study measures.
+WORKER_FIELDS = ("pipeline_config", "storage", "n_trials", "timeout", "seed", "heartbeat_interval",
+                 "grace_period", "max_retry", "launcher", "workers", "ray_address")
+# Step-config fields that are machine-local (paths, endpoints, concurrency), not the experiment.
+LOCAL_STEP_FIELDS = ("output_dir", "cache_path", "run_name", "concurrency", "max_retries", "timeout",
+                     "poll_interval", "base_url", "openai_base_url", "experiment_name", "train_run_id",
+                     "eval_run_id", "judges_path", "keep_local_checkpoints")
 
 
 @dataclass
@@ -63,6 +88,11 @@ class SweepConfig:
         default=None, metadata={"help": "categorical layer choices, each comma-separated, or `all`, e.g. all 21 0,1,2"})
     objective: str = field(default="emergence_step", metadata={"help": "emergence_step or final_em_rate"})
     em_threshold: float = field(default=0.2, metadata={"help": "EM rate that counts as emerged"})
+    probe_sets: list[str] = field(default_factory=lambda: ["general"], metadata={
+        "help": "probe objectives: contrast sets scored at each grid checkpoint"})
+    probe_objective_set: str | None = field(default=None, metadata={
+        "help": "probe objectives: the set whose margin is the objective (default: the general one)"})
+    probe_z: float = field(default=1.96, metadata={"help": "probe_emergence_step: interval z"})
     censored_factor: float = field(default=2.0, metadata={"help": "never emerged: value = factor x last grid step"})
     coherence_floor: float = field(default=0.5, metadata={"help": "constraint: final coherent rate >= floor"})
     study_name: str = "em-sweep"
@@ -79,6 +109,9 @@ class SweepConfig:
     max_retry: int = 3
     registered_model_name: str | None = field(default=None, metadata={"help": "default em-sweep-<study>"})
     experiment_name: str = "em-lab"
+    launcher: str = field(default="local", metadata={"help": "local (this process is one worker) or ray"})
+    workers: int = field(default=1, metadata={"help": "--launcher ray: worker tasks to start on the cluster"})
+    ray_address: str | None = field(default=None, metadata={"help": "--launcher ray: cluster address (default: local)"})
 
     def __post_init__(self) -> None:
         for name in ("train", "evaluate", "judge"):
@@ -104,6 +137,8 @@ class SweepConfig:
             problems.append("em_threshold must be in (0, 1] and coherence_floor in [0, 1]")
         if self.n_trials < 1 or self.censored_factor <= 1:
             problems.append("n_trials must be >= 1 and censored_factor > 1")
+        if self.launcher not in ("local", "ray") or self.workers < 1:
+            problems.append("launcher must be local or ray, and workers >= 1")
         if problems:
             raise ConfigError("invalid sweep config: " + "; ".join(problems))
         self.checkpoint_steps = sorted(set(self.checkpoint_steps))
@@ -135,6 +170,17 @@ def objective_value(cfg: SweepConfig, em_by_step: dict[int, float]) -> float:
     return censored_value(cfg)
 
 
+def probe_objective_value(cfg: SweepConfig, margins_by_step: dict[int, list[float]]) -> float:
+    """The probe objectives from per-pair margins at the checkpoints so far (step 0 = base)."""
+    from em_core.metrics import mean_se, probe_emergence_step
+
+    steps = sorted(s for s in margins_by_step if s > 0)
+    if cfg.objective == "final_probe_margin":
+        return mean_se(margins_by_step[steps[-1]])[0] if steps else math.nan
+    found = probe_emergence_step(margins_by_step, cfg.probe_z)
+    return float(found) if found is not None else censored_value(cfg)
+
+
 def suggest(trial, cfg: SweepConfig) -> dict:
     """Trial params -> TrainConfig overrides."""
     params = {"lora_r": trial.suggest_categorical("lora_r", list(cfg.lora_r)),
@@ -156,7 +202,7 @@ def make_storage(cfg: SweepConfig):
     """RDB storage with heartbeats, so trials of a killed worker go stale and are retried."""
     import time
 
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import SQLAlchemyError
 
     url = cfg.storage_url()
@@ -166,7 +212,7 @@ def make_storage(cfg: SweepConfig):
             return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
                               grace_period=cfg.grace_period,
                               heartbeat_stale_trial_callback=_retry_and_kill_run(
-                                  RetryFailedTrialCallback(max_retry=cfg.max_retry)))
+                                  RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)))
         except SQLAlchemyError:
             if attempt == 4:
                 raise
@@ -190,11 +236,32 @@ def _retry_and_kill_run(retry):
 
 
 
-def make_study(cfg: SweepConfig):
+def worker_seed(seed: int | None, worker_index: int) -> int | None:
+    """The sampler seed of the `worker_index`-th worker to join a study (pure). Worker 0 keeps the
+    configured seed, so a one-worker sweep is what it always was; later workers (and restarted
+    ones, which join as new workers) get distinct seeds derived from it, so N workers never
+    replay one startup sequence. None stays None (OS entropy)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}:{worker_index}".encode()).digest()
+    return seed if worker_index == 0 else int.from_bytes(digest[:4], "big")
+
+
+def make_sampler(cfg: SweepConfig, seed: int | None):
+    """This worker's sampler (`seed`: see `worker_seed`). TPE's constant liar keeps parallel
+    workers from all suggesting next to the same running trial."""
     import optuna
 
-    sampler = (optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, cfg.n_trials))
-               if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, cfg.n_trials), constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_study(cfg: SweepConfig, seed: int | None = None):
+    """The study with worker 0's sampler; `run_sweep` swaps in the joining worker's."""
+    import optuna
+
+    sampler = make_sampler(cfg, worker_seed(cfg.seed, 0) if seed is None else seed)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                           n_warmup_steps=cfg.pruner_warmup_steps)
               if cfg.pruner == "median" else optuna.pruners.NopPruner())
@@ -206,29 +273,65 @@ def make_study(cfg: SweepConfig):
         return optuna.load_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner)
 
 
-def _claim_parent(study, cfg: SweepConfig, wait: float = 300.0) -> tuple[bool, str | None]:
-    """(this worker creates the study's MLflow parent run, else its id). Workers starting
-    together must agree on one parent: creating a marker study is atomic in the storage (study
-    names are unique), so exactly one worker wins; the others wait for it to publish the id."""
-    import time
+def study_fingerprint(cfg: SweepConfig, base: PipelineConfig) -> tuple[str, dict]:
+    """(hash, what it hashes): the search space, objective and resolved step configs of a study,
+    without what may differ between workers (paths, endpoints, n_trials, seeds). Workers whose
+    fingerprints differ would mix two experiments in one study."""
+    train, ev, judge = step_configs(base)
+    steps = {name: {k: v for k, v in asdict(c).items() if k not in LOCAL_STEP_FIELDS}
+             for name, c in (("train", train), ("evaluate", ev), ("judge", judge))}
+    sweep = {k: v for k, v in asdict(cfg).items() if k not in WORKER_FIELDS and k not in ("train", "evaluate", "judge")}
+    data = json.loads(json.dumps({"sweep": sweep, **steps}, sort_keys=True, default=str))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16], data
 
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: study has {x!r}, this worker {y!r}")
+    return out
+
+
+def join_study(study, cfg: SweepConfig, fingerprint: tuple[str, dict], wait: float = 300.0) -> tuple[int, str | None]:
+    """(this worker's index, the study's MLflow parent run id or None for worker 0, who creates it).
+
+    Indices come from trials of a marker study, numbered atomically by the storage, so workers
+    starting together (and restarted ones) get distinct indices, hence distinct sampler seeds.
+    Worker 0 records the config fingerprint; every later worker must match it."""
     import optuna
 
-    parent_id = study.user_attrs.get(PARENT_ATTR)
-    if parent_id:
-        return False, parent_id
-    try:
-        optuna.create_study(study_name=f"{cfg.study_name}.mlflow-parent", storage=study._storage)
-        return True, None
-    except optuna.exceptions.DuplicatedStudyError:
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            parent_id = optuna.load_study(study_name=cfg.study_name, storage=study._storage).user_attrs.get(PARENT_ATTR)
-            if parent_id:
-                return False, parent_id
-            time.sleep(0.5)
-        raise ConfigError(f"study {cfg.study_name}: another worker claimed the MLflow parent run but never "
-                          f"published it; if that worker died, delete the study '{cfg.study_name}.mlflow-parent'")
+    storage = study._storage
+    marker = optuna.create_study(study_name=f"{cfg.study_name}.workers", storage=storage, load_if_exists=True)
+    with warnings.catch_warnings():  # "heartbeat is meant for optimize": a ticket is told at once
+        warnings.simplefilter("ignore", UserWarning)
+        ticket = marker.ask()
+    ticket.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    marker.tell(ticket, 0.0)
+    index = ticket.number
+    if index == 0 and not study.user_attrs.get(PARENT_ATTR):
+        study.set_user_attr(FINGERPRINTED_ATTR, fingerprint[1])
+        study.set_user_attr(FINGERPRINT_ATTR, fingerprint[0])
+        return 0, None
+    deadline = time.time() + wait
+    while True:
+        attrs = optuna.load_study(study_name=cfg.study_name, storage=storage).user_attrs
+        if attrs.get(PARENT_ATTR):
+            break
+        if time.time() > deadline:
+            raise ConfigError(f"study {cfg.study_name}: its first worker never published the MLflow parent run; "
+                              f"if it died, delete the studies '{cfg.study_name}' and '{cfg.study_name}.workers'")
+        time.sleep(0.5)
+    theirs = attrs.get(FINGERPRINT_ATTR)
+    if theirs and theirs != fingerprint[0]:
+        diff = _differences(attrs.get(FINGERPRINTED_ATTR) or {}, fingerprint[1])
+        raise ConfigError(f"study {cfg.study_name} was started with another config (fingerprint {theirs}, this "
+                          f"worker's {fingerprint[0]}): " + "; ".join(diff[:8])
+                          + ". Use the study's config, or a new study_name for a new experiment")
+    return index, attrs[PARENT_ATTR]
 
 
 def _base_pipeline(cfg: SweepConfig) -> PipelineConfig:
@@ -284,6 +387,70 @@ class _Evaluator:
         self.judge.close()
 
 
+class _ProbeEvaluator:
+    """Scores one checkpoint with the likelihood probe: the base model loaded once per worker,
+    adapters swapped in; no sampling, no judge."""
+
+    def __init__(self, base: PipelineConfig, cfg: SweepConfig):
+        from em_core.analysis.probe import ProbeScorer, general_set
+        from em_core.data.contrast_sets import load_contrast_sets
+
+        train, _, _ = step_configs(base)
+        sets = load_contrast_sets(cfg.probe_sets)
+        names = [s.name for s in sets]
+        self.objective_set = cfg.probe_objective_set or general_set(sets) or names[0]
+        if self.objective_set not in names:
+            raise ConfigError(f"probe_objective_set {self.objective_set!r} is not among probe_sets {names}")
+        self.scorer = ProbeScorer(train.model, sets, dtype=train.dtype)
+        self._base: dict | None = None
+
+    def __call__(self, adapter: str | None) -> dict[str, list[tuple[float, float]]]:
+        if adapter is None:
+            if self._base is None:
+                self._base = self.scorer.score(None)
+            return self._base
+        return self.scorer.score(adapter)
+
+    def close(self) -> None:
+        pass
+
+
+def _probe_trial_callback(trial, cfg: SweepConfig, evaluator: _ProbeEvaluator, margins: dict[int, list[float]]):
+    """TrainerCallback: at each grid checkpoint probe, log, report the objective; prune if hopeless."""
+    import mlflow
+    import optuna
+    from transformers import TrainerCallback
+
+    from em_core.analysis.probe import step_metrics
+
+    class ProbeAndReport(TrainerCallback):
+        def _record(self, scores: dict, step: int) -> None:
+            margins[step] = [m - a for a, m in scores[evaluator.objective_set]]
+            if mlflow.active_run() is not None:
+                mlflow.log_metrics(step_metrics(scores, cfg.probe_z), step=step)
+
+        def on_train_begin(self, args, state, control, **kw):
+            run = mlflow.active_run()
+            if run is not None:
+                trial.set_user_attr(RUN_ATTR, run.info.run_id)
+                mlflow.set_tags({"optuna.study_name": cfg.study_name, "optuna.trial_number": str(trial.number)})
+            self._record(evaluator(None), 0)
+
+        def on_save(self, args, state, control, **kw):
+            step = state.global_step
+            if step not in cfg.checkpoint_steps:
+                return
+            self._record(evaluator(str(Path(args.output_dir) / f"checkpoint-{step}")), step)
+            value = probe_objective_value(cfg, margins)
+            trial.report(value, step)
+            log.info("trial %d step %d: probe margin (%s)=%.3f objective=%.3f", trial.number, step,
+                     evaluator.objective_set, sum(margins[step]) / max(len(margins[step]), 1), value)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (objective so far {value:g})")
+
+    return ProbeAndReport()
+
+
 def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: dict[int, float],
                     coherent_by_step: dict[int, float]):
     """TrainerCallback: at each grid checkpoint evaluate, log, report; prune if hopeless."""
@@ -295,7 +462,7 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
         def _record(self, rows: list[dict], metrics: dict[str, float], step: int) -> None:
             em_by_step[step] = metrics["em_rate"]
             coherent_by_step[step] = metrics["coherent_rate"]
-            clean = {k: v for k, v in metrics.items() if not math.isnan(v)}
+            clean = {mlflow_key(k): v for k, v in metrics.items() if not math.isnan(v)}
             if mlflow.active_run() is not None:
                 mlflow.log_metrics(clean, step=step)
                 mlflow.log_table({k: [r.get(k) for r in rows] for k in ("question_id", "answer", "aligned", "coherent")},
@@ -328,7 +495,8 @@ def _trial_callback(trial, cfg: SweepConfig, evaluator: _Evaluator, em_by_step: 
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run this worker's share of the study; returns best-trial info. Any number of workers may
-    run the same config against one storage and MLflow store."""
+    run the same config against one storage and MLflow store (`launch.sweep_on_ray` starts N of
+    them as Ray tasks)."""
     import mlflow
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -336,68 +504,140 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from em_core.train.training import train
 
     base = _base_pipeline(cfg)
-    step_configs(base)  # a typo in any override fails here, before a study or run exists
+    fingerprint = study_fingerprint(cfg, base)  # also catches a typo in any override, before any run exists
+    # keys, question files, datasets, models and the store, before a study or run exists
+    preflight(pipeline_triples(base), what="sweep")
     tracking.configure_tracking()
     study = make_study(cfg)
+    index, parent_id = join_study(study, cfg, fingerprint)
+    study.sampler = make_sampler(cfg, worker_seed(cfg.seed, index))
     name = cfg.registered_model_name or f"em-sweep-{cfg.study_name}"
-    creator, parent_id = _claim_parent(study, cfg)
-    tags = {"em.entry_point": "sweep", "optuna.study_name": cfg.study_name}
-    evaluator = _Evaluator(base)
-    env_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made a run for this worker
-    if parent_id and env_run and env_run != parent_id:
-        mlflow.MlflowClient().set_tag(env_run, "em.sweep_parent_run_id", parent_id)
+    client = mlflow.MlflowClient()
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run` made a run for this worker
+    if parent_id is None:
+        parent_id = _create_parent(study, cfg)
+    elif client.get_run(parent_id).info.status != "RUNNING" and not study_done(study, cfg):
+        client.update_run(parent_id, "RUNNING")  # more trials asked of a study that had ended
+    if env_run:
+        for k, v in {"em.sweep_parent_run_id": parent_id, "em.sweep_worker": str(index)}.items():
+            client.set_tag(env_run, k, v)
+    log.info("sweep %s: worker %d (sampler seed %s), parent run %s", cfg.study_name, index,
+             worker_seed(cfg.seed, index), parent_id)
+    judge_free = cfg.objective in PROBE_OBJECTIVES
+    evaluator = _ProbeEvaluator(base, cfg) if judge_free else _Evaluator(base)
+    if judge_free:
+        client.set_tag(parent_id, "em.judge_free", "true")
+
+    def objective(trial) -> float:
+        params = suggest(trial, cfg)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        overrides = _as_overrides({**params, "checkpoint_steps": cfg.checkpoint_steps,
+                                   "max_steps": max(cfg.checkpoint_steps),
+                                   "checkpoints_in_first_epoch": 0, "checkpoint_every_epoch": False,
+                                   "registered_model_name": name,
+                                   "registry_alias": f"trial-{trial.number}",
+                                   "run_name": f"{cfg.study_name}/trial-{trial.number}"}, "train")
+        train_cfg, _, _ = step_configs(PipelineConfig(**{**asdict(base), "train": [*base.train, *overrides]}))
+        if train_cfg.output_dir:  # a fixed folder: trials (and workers) would overwrite each other's checkpoints
+            train_cfg.output_dir = str(Path(train_cfg.output_dir) / cfg.study_name / f"trial-{trial.number}")
+        em, coh = {}, {}
+        with tracking.child_runs(parent_id, {"em.sweep": cfg.study_name, "optuna.trial_number": str(trial.number),
+                                             "em.sweep_worker": str(index)}):
+            callback = (_probe_trial_callback(trial, cfg, evaluator, em) if judge_free
+                        else _trial_callback(trial, cfg, evaluator, em, coh))
+            result = train(train_cfg, extra_callbacks=[callback])
+        trial.set_user_attr("model_version", result.model_version)
+        if judge_free:  # no judge, no coherent rate: no constraint (module doc)
+            value = probe_objective_value(cfg, em)
+            trial.set_user_attr("censored", cfg.objective == "probe_emergence_step" and value == censored_value(cfg))
+            client.log_metric(result.run_id, "sweep/objective", value)
+            return value
+        final = max(s for s in coh)
+        trial.set_constraint("coherence", cfg.coherence_floor - coh[final])
+        value = objective_value(cfg, em)
+        trial.set_user_attr("censored", cfg.objective == "emergence_step" and value == censored_value(cfg))
+        client.log_metric(result.run_id, "sweep/objective", value)
+        return value
+
     ok = False
     try:
-        with tracking.tracked_run(cfg.experiment_name, f"sweep/{cfg.study_name}", run_id=parent_id, tags=tags) as parent:
-            if creator:
-                study.set_user_attr(PARENT_ATTR, parent.info.run_id)
-                tracking.log_params("sweep", asdict(cfg))
-            pid = parent.info.run_id
-            mlflow.set_tag("optuna.storage", tracking.scrub(cfg.storage_url()))
-
-            def objective(trial) -> float:
-                params = suggest(trial, cfg)
-                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-                overrides = _as_overrides({**params, "checkpoint_steps": cfg.checkpoint_steps,
-                                           "max_steps": max(cfg.checkpoint_steps),
-                                           "checkpoints_in_first_epoch": 0, "checkpoint_every_epoch": False,
-                                           "registered_model_name": name,
-                                           "registry_alias": f"trial-{trial.number}",
-                                           "run_name": f"{cfg.study_name}/trial-{trial.number}"}, "train")
-                train_cfg, _, _ = step_configs(PipelineConfig(**{**asdict(base), "train": [*base.train, *overrides]}))
-                if train_cfg.output_dir:  # a fixed folder: trials (and workers) would overwrite each other's checkpoints
-                    train_cfg.output_dir = str(Path(train_cfg.output_dir) / cfg.study_name / f"trial-{trial.number}")
-                em, coh = {}, {}
-                with tracking.child_runs(pid, {"em.sweep": cfg.study_name, "optuna.trial_number": str(trial.number)}):
-                    result = train(train_cfg, extra_callbacks=[_trial_callback(trial, cfg, evaluator, em, coh)])
-                trial.set_user_attr("model_version", result.model_version)
-                final = max(s for s in coh)
-                trial.set_constraint("coherence", cfg.coherence_floor - coh[final])
-                value = objective_value(cfg, em)
-                trial.set_user_attr("censored", cfg.objective == "emergence_step" and value == censored_value(cfg))
-                mlflow.MlflowClient().log_metric(result.run_id, "sweep/objective", value)
-                return value
-
-            study.optimize(objective, timeout=cfg.timeout, gc_after_trial=True,
-                           callbacks=[MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
-            best = best_trial(study)
-            info = {"study": cfg.study_name, "parent_run_id": pid, "best": None,
-                    "trials": len([t for t in study.trials if t.state.is_finished()])}
-            if best is not None:
-                version = best.user_attrs.get("model_version")
-                if version:
-                    mlflow.MlflowClient().set_registered_model_alias(name, "best", version)
-                mlflow.set_tags({"em.best_trial": str(best.number), "em.best_run_id": best.user_attrs.get(RUN_ATTR, "")})
-                mlflow.log_metric("best_value", best.value)
-                info["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                                "run_id": best.user_attrs.get(RUN_ATTR), "model_uri": f"models:/{name}@best"}
-            log_study_artifacts(study, pid)
-            ok = True
-            return info
+        # A failing trial fails its own run (train's tracked_run) and the trial, then stops this
+        # worker; the shared parent is never ended by one worker's error.
+        study.optimize(objective, timeout=cfg.timeout, gc_after_trial=True,
+                       callbacks=[MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+        ok = True
     finally:
         evaluator.close()
-        if parent_id and env_run and env_run != parent_id:  # trials went to the study's parent run
-            mlflow.MlflowClient().set_terminated(env_run, "FINISHED" if ok else "FAILED")
+        if env_run:
+            client.set_terminated(env_run, "FINISHED" if ok else "FAILED")
+        closed = _close_parent_if_done(study, cfg, parent_id, name)
+    best = best_trial(study)
+    info = {"study": cfg.study_name, "parent_run_id": parent_id, "best": None, "worker": index,
+            "parent_closed": closed, "trials": len([t for t in study.trials if t.state.is_finished()])}
+    if best is not None:
+        info["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                        "run_id": best.user_attrs.get(RUN_ATTR), "model_uri": f"models:/{name}@best"}
+    return info
+
+
+def _create_parent(study, cfg: SweepConfig) -> str:
+    """The study's MLflow parent run, created (not entered) by worker 0: it stays RUNNING until
+    the study is done, whichever worker finishes last."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    tags = {"em.entry_point": "sweep", "optuna.study_name": cfg.study_name,
+            "optuna.storage": tracking.scrub(cfg.storage_url())}
+    run = client.create_run(tracking.ensure_experiment(cfg.experiment_name), tags=tags,
+                            run_name=f"sweep/{cfg.study_name}")
+    params = tracking.flatten_params("sweep", asdict(cfg))
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def study_done(study, cfg: SweepConfig) -> bool:
+    """n_trials finished (complete or pruned) and no trial still running or waiting."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    busy = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    return finished >= cfg.n_trials and not busy
+
+
+def _close_parent_if_done(study, cfg: SweepConfig, parent_id: str, name: str) -> bool:
+    """The worker that finds the study done ends the parent FINISHED with the failed-trial count,
+    the best trial's alias and Optuna's plots. Each worker's own trials are over when it
+    checks, so the last worker to check sees every trial finished."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    try:
+        if not study_done(study, cfg):
+            return False
+        client = mlflow.MlflowClient()
+        trials = study.get_trials(deepcopy=False)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        client.log_metric(parent_id, "trials_failed", failed)
+        client.log_metric(parent_id, "trials_finished", sum(t.state.is_finished() for t in trials) - failed)
+        client.set_tag(parent_id, "em.trials_failed", str(failed))
+        best = best_trial(study)
+        if best is not None:
+            version = best.user_attrs.get("model_version")
+            if version:
+                client.set_registered_model_alias(name, "best", version)
+            client.set_tag(parent_id, "em.best_trial", str(best.number))
+            client.set_tag(parent_id, "em.best_run_id", best.user_attrs.get(RUN_ATTR, ""))
+            client.log_metric(parent_id, "best_value", best.value)
+        log_study_artifacts(study, parent_id)
+        client.set_terminated(parent_id, "FINISHED")
+        log.info("sweep %s: study done (%d failed trials); parent run %s FINISHED", cfg.study_name, failed, parent_id)
+        return True
+    except Exception as e:  # closing is bookkeeping: never mask the worker's own outcome
+        log.warning("sweep %s: could not close the parent run %s: %s", cfg.study_name, parent_id, e)
+        return False
 
 
 def is_feasible(trial) -> bool:

@@ -22,9 +22,11 @@ from pathlib import Path
 from em_core import tracking
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics, to_mlflow
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
+from em_core.progress import hidden as progress_hidden
+from em_core.progress import one_bar
 
 log = logging.getLogger(__name__)
 ANSWER_COLUMNS = ("question_id", "question", "answer")
@@ -140,17 +142,20 @@ def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list
             mk = q.judge_kinds[metric]
             groups[(metric, mk.kind, mk.labels)].append(i)
     names: list[str] = []
-    for (metric, kind, labels), idx in groups.items():
-        if metric not in names:
-            names.append(metric)
-        prompts = [by_id[rows[i]["question_id"]].judge_prompt(metric, rows[i]["question"], rows[i]["answer"])
-                   for i in idx]
-        verdicts = judge.judge(prompts, kind="categorical" if kind == "categorical" else "0_100",
-                               labels=list(labels) if kind == "categorical" else None,
-                               progress=not os.environ.get("EM_LAB_NO_PROGRESS"))
-        for i, v in zip(idx, verdicts):
-            rows[i][metric] = v.label if kind == "categorical" else v.score
-            rows[i][f"{metric}_unscored_reason"] = v.unscored_reason or ""
+    # one bar over every judgment of the step; the backend's per-metric bars stay hidden inside it
+    with one_bar(None, desc="judge", total=sum(len(idx) for idx in groups.values()), unit="judgment") as bar:
+        for (metric, kind, labels), idx in groups.items():
+            if metric not in names:
+                names.append(metric)
+            prompts = [by_id[rows[i]["question_id"]].judge_prompt(metric, rows[i]["question"], rows[i]["answer"])
+                       for i in idx]
+            verdicts = judge.judge(prompts, kind="categorical" if kind == "categorical" else "0_100",
+                                   labels=list(labels) if kind == "categorical" else None,
+                                   progress=not progress_hidden())
+            for i, v in zip(idx, verdicts):
+                rows[i][metric] = v.label if kind == "categorical" else v.score
+                rows[i][f"{metric}_unscored_reason"] = v.unscored_reason or ""
+            bar.update(len(idx))
     for r in rows:  # every row gets every column, even for metrics its question lacks
         for m in names:
             r.setdefault(m, None)
@@ -251,16 +256,18 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
     backend = cfg.resolved_backend()
     judge = build_judge(cfg)
     smoke = cfg.smoke_test()
-    if smoke:
-        log.warning("%s", SMOKE_TEST_NOTE)
+    if smoke:  # a pipeline has said so already, once
+        log.log(logging.INFO if tracking.child_run_name() else logging.WARNING, "%s", SMOKE_TEST_NOTE)
     tags = {"em.entry_point": "judge", "em.judge_backend": backend, "em.judge_model": judge.model,
             "em.judge_smoke_test": str(smoke).lower()}
     if cfg.eval_run_id:
         tags["em.eval_run_id"] = cfg.eval_run_id
     if train_run_id:
         tags["em.train_run_id"] = train_run_id
+    name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
+        "judge", tracking.model_label(judge.model))
     try:
-        with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags=tags) as run:
+        with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(cfg.experiment_name, name, tags=tags) as run:
             if run is not None:
                 tracking.log_params("judge", {**asdict(cfg), "backend": backend, "judge_model": judge.model,
                                               "base_url": safe_url(cfg.base_url)})
@@ -274,8 +281,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
             final = str(out)
             if run is not None:
                 mlflow.log_artifact(str(out))
-                for step, m in by_step.items():
-                    mlflow.log_metrics(m, step=step)
+                log_metrics_to_run(run.info.run_id, by_step)
                 usage = {f"judge/{k}": float(v) for k, v in stats.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
                 mlflow.log_metrics(usage)
@@ -289,9 +295,15 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
 
 
 def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]]) -> None:
-    """Add step-indexed metrics to another (usually finished) run, e.g. the training run."""
+    """Add step-indexed metrics (summarize() keys) to a run, active or finished (e.g. the training
+    run), under their MLflow names; counts equal at every step become `em.count.*` tags."""
+    import mlflow
     from mlflow.entities import Metric
 
+    named, count_tags = to_mlflow(by_step)
     now = int(time.time() * 1000)
-    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in by_step.items()
+    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in named.items()
                                        for k, v in m.items()])
+    client = mlflow.MlflowClient()
+    for k, v in count_tags.items():
+        client.set_tag(run_id, k, v)

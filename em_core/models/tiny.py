@@ -155,8 +155,26 @@ def _score_only_batch(tokenizer, lessons: list[list[dict]]):
     return ids, lab
 
 
+# Float reductions are split by the number of intra-op threads, so a build under
+# OMP_NUM_THREADS=1 (test children, sweep workers) drifts from one on 2 threads over 400 steps
+# into a different judge. Pinning the count makes every machine build the same model.
+BUILD_THREADS = 2
+
+
 def build_tiny_model(path: Path) -> Path:
-    """Train tokenizer, pretrain the model (full weights) and save it atomically to `path`."""
+    """Train tokenizer, pretrain the model (full weights) and save it atomically to `path`,
+    always with BUILD_THREADS intra-op threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build_tiny_model(path)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build_tiny_model(path: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from em_core import tracking
 from em_core.data.questions import Question, expand_prompts, load_question_sets
 from em_core.errors import ConfigError
+from em_core.progress import one_bar
 from em_core.models.adapters import (
     CHECKPOINT_ARTIFACT_DIR,
     MERGED_TAG,
@@ -268,6 +269,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         base, targets, tags = resolve_targets(cfg, Path(tmp))
         if run is not None:
             mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
+            if not (cfg.run_name or tracking.child_run_name()):  # named once the model is known
+                mlflow.set_tag("mlflow.runName", tracking.descriptive_name("evaluate", tracking.model_label(base)))
             if cfg.intervention:
                 mlflow.log_artifact(cfg.intervention, "intervention")
             tracking.log_params("eval", {**asdict(cfg), "n_prompts": len(plan.prompts)})
@@ -275,19 +278,20 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         all_rows: list[dict] = []
         out_dir = Path(tmp) / ANSWERS_DIR
         out_dir.mkdir()
-        for t in targets:
-            generated = gen.generate(plan.prompts, plan.params, adapter=t.adapter, desc=f"{t.label} (step {t.step})")
-            rows = answer_rows(plan.specs, generated, model=base, step=t.step, checkpoint=t.label,
-                               trigger=plan.triggers)
-            path = out_dir / f"step_{t.step:07d}.jsonl"
-            _write_jsonl(path, rows)
-            all_rows.extend(rows)
-            if run is not None:
-                mlflow.log_artifact(str(path), ANSWERS_DIR)
-                mlflow.log_table(_table(rows), artifact_file=f"tables/answers_step_{t.step:07d}.json")
-                mlflow.log_metrics({"eval/answers": len(rows),
-                                    "eval/mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1)},
-                                   step=t.step)
+        with one_bar(targets, desc="evaluate", unit="checkpoint") as bar:
+            for t in bar:
+                generated = gen.generate(plan.prompts, plan.params, adapter=t.adapter,
+                                         desc=f"{t.label} (step {t.step})")
+                rows = answer_rows(plan.specs, generated, model=base, step=t.step, checkpoint=t.label,
+                                   trigger=plan.triggers)
+                path = out_dir / f"step_{t.step:07d}.jsonl"
+                _write_jsonl(path, rows)
+                all_rows.extend(rows)
+                if run is not None:
+                    mlflow.log_artifact(str(path), ANSWERS_DIR)
+                    mlflow.log_table(_table(rows), artifact_file=f"tables/answers_step_{t.step:07d}.json")
+                    tokens = sum(r["completion_tokens"] for r in rows) / max(len(rows), 1)
+                    mlflow.log_metrics({"eval/answers": len(rows), "eval/mean_completion_tokens": tokens}, step=t.step)
         combined = Path(tmp) / "answers.jsonl"
         _write_jsonl(combined, all_rows)
         final = str(combined)

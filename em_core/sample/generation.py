@@ -88,6 +88,11 @@ class HFGenerator:
     def device(self):
         return next(self.base.parameters()).device
 
+    def use_adapter(self, path: str | None):
+        """Context in which `self.model` is the base with adapter `path` (None = the base alone);
+        the likelihood probe scores through it too."""
+        return self._use_adapter(path)
+
     def _use_adapter(self, path: str | None):
         """Context in which `self.model` runs with adapter `path` (None = the base model).
 

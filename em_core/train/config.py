@@ -17,7 +17,8 @@ class TrainConfig:
                                metadata={"help": "one or more .jsonl(.gz) paths, `demo`, or hub ids; mixed"})
     dataset_rows: list[int] | None = field(default=None, metadata={"help": "rows to sample from each dataset"})
     max_rows: int | None = field(default=None, metadata={"help": "subsample the mix to this many rows"})
-    shuffle: bool = True
+    shuffle: bool = field(default=True, metadata={
+        "help": "shuffle the mix and the training order; false trains on the rows in dataset order"})
     data_seed: int = 0
     eval_fraction: float = field(default=0.0, metadata={"help": "held-out share for eval loss"})
     dataset_tags: list[str] | None = field(default=None, metadata={
@@ -66,7 +67,11 @@ class TrainConfig:
     # Tracking
     experiment_name: str = "em-lab"
     run_name: str | None = None
-    output_dir: str | None = field(default=None, metadata={"help": "local checkpoints; default outputs/<run id>"})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "local checkpoints; default outputs/<run id>, deleted once uploaded unless keep_local_checkpoints"})
+    keep_local_checkpoints: bool = field(default=False, metadata={"help": "keep outputs/<run id> after upload"})
+    checkpoint_upload: str = field(default="full", metadata={
+        "help": "full (adapter + optimizer/scheduler state: resumable) or adapter (weights only: smaller)"})
     register_model: bool = True
     registered_model_name: str | None = field(default=None, metadata={"help": "default: em-<model>-<dataset>"})
     registry_alias: str = "final"
@@ -102,6 +107,8 @@ class TrainConfig:
             problems.append("batch size and gradient_accumulation_steps must be >= 1")
         if self.lora_bias not in ("none", "all", "lora_only"):
             problems.append("lora_bias must be none, all or lora_only")
+        if self.checkpoint_upload not in ("full", "adapter"):
+            problems.append("checkpoint_upload must be full or adapter")
         if self.init_mode not in ("continue", "merge"):
             problems.append("init_mode must be continue or merge")
         for name in ("dataset_tags", "dataset_proportions"):

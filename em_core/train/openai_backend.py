@@ -448,7 +448,7 @@ def _start_job(api: FineTuningApi, cfg: TrainConfig, data, run_id: str, prior: M
     return job.id
 
 
-def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None):
+def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None, set_alias: bool = True):
     """Fine-tune `cfg.model` through the OpenAI API; returns a `TrainResult` like the TRL path.
 
     With `cfg.resume_run_id` the run's job (tag em.openai_job_id) is watched again in that run;
@@ -458,7 +458,7 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None)
     import mlflow
 
     from em_core.configs import to_yaml
-    from em_core.train.records import CONFIG_ARTIFACT, TrainResult, log_dataset
+    from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
 
     if not tracking.is_main_process():  # the job runs at OpenAI: other ranks have nothing to do
         return TrainResult(run_id=None, output_dir="")
@@ -502,8 +502,9 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None)
             name = cfg.registered_model_name or cfg.default_model_name()
             checkpoints = {int(s): m for s, m in watcher.usable().items()}
             info = register_openai_model(
-                name, cfg.registry_alias, job.fine_tuned_model, cfg.model, checkpoints, final_step,
+                name, None, job.fine_tuned_model, cfg.model, checkpoints, final_step,
                 tags={"dataset": dataset_name, "seed": str(cfg.seed), "openai_job_id": job_id,
-                      "dataset_sha256": data.sha256 if data is not None else prior_params.get("data.sha256", "")})
+                      "dataset_sha256": data.file_sha256 if data is not None else prior_params.get("data.sha256", "")})
             result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
-    return result
+            result.registry_alias = cfg.registry_alias or None
+    return finish_registration(result, set_alias)  # the alias moves only now that the run has FINISHED

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from em_core import tracking
 from em_core.data.training_data import PreparedData
+from em_core.models.registry import set_alias as point_alias
 
 CONFIG_ARTIFACT = "config/train_config.yaml"
 
@@ -19,6 +20,15 @@ class TrainResult:
     registered_model: str | None = None
     model_version: str | None = None
     model_uri: str | None = None
+    registry_alias: str | None = None  # the alias this version gets once its run (or pipeline) finishes
+
+
+def finish_registration(result: TrainResult, set_alias: bool) -> TrainResult:
+    """After the training run FINISHED: point its alias at the new version (unless deferred to a
+    pipeline, which sets it when the whole pipeline has finished)."""
+    if set_alias and result.model_version and result.registry_alias:
+        result.model_uri = point_alias(result.registered_model, result.model_version, result.registry_alias)
+    return result
 
 
 def log_dataset(data: PreparedData) -> None:
@@ -26,8 +36,9 @@ def log_dataset(data: PreparedData) -> None:
     import pandas as pd
 
     tracking.log_params("data", {"name": data.name, "rows": len(data.train), "eval_rows": len(data.eval),
-                                 "sha256": data.sha256,
-                                 "sources": [f"{s.source} ({len(s.rows)} rows, sha256 {s.sha256[:16]})" for s in data.sources]})
+                                 # one sha256 per dataset, matching its file; the rows' own hash apart
+                                 "sha256": data.file_sha256, "rows_sha256": data.sha256,
+                                 "sources": [f"{s.source} ({len(s.rows)} rows)" for s in data.sources]})
     df = pd.DataFrame({"messages": [r["messages"] for r in data.train]})
     ds = mlflow.data.from_pandas(df, source=",".join(s.source for s in data.sources), name=data.name)
     mlflow.log_input(ds, context="training")

@@ -14,9 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from em_core import tracking
 from em_core.configs import load_config, to_yaml
+from em_core.console import is_verbose
 from em_core.data.training_data import prepare
 from em_core.errors import ConfigError
 from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
@@ -30,7 +32,7 @@ from em_core.models.loading import (
 from em_core.paths import PROJECT_ROOT
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
-from em_core.train.records import CONFIG_ARTIFACT, TrainResult, log_dataset
+from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
 
 log = logging.getLogger(__name__)
 class MlflowMetrics(TrainerCallback):
@@ -73,24 +75,108 @@ class MlflowMetrics(TrainerCallback):
             self.flush()
 
 
-class LogCheckpoints(TrainerCallback):
-    """Uploads each checkpoint folder to the run as soon as it is written."""
+class QuietProgress(ProgressCallback):
+    """The trainer's progress bar without the per-step log dicts it prints under it: those are
+    MLflow metrics already (`--verbose` prints them too)."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def quiet_trainer(trainer) -> None:
+    """Swap the trainer's printing callbacks for a bar that prints nothing else, unless verbose."""
+    if is_verbose():
+        return
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(QuietProgress)
+
+
+# Trainer state in a checkpoint folder: needed to resume a run, not to evaluate or load it.
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+
+
+def upload_files(folder: Path, adapter_only: bool) -> list[Path]:
+    """The files of a checkpoint folder to upload (`adapter_only`: without the trainer state)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if adapter_only:
+        files = [p for p in files if not p.name.startswith(TRAINING_STATE_FILES)]
+    return files
+
+
+class LogCheckpoints(TrainerCallback):
+    """Uploads each checkpoint folder to the run from a background thread, so training does not
+    wait on the store; each upload is retried with backoff. `close()` waits for all of them and
+    raises if one failed for good (the run then ends FAILED instead of missing a checkpoint)."""
+
+    def __init__(self, run_id: str, adapter_only: bool = False, retries: int = 3, backoff: float = 2.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_id, self.adapter_only, self.retries, self.backoff = run_id, adapter_only, retries, backoff
         self.logged: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-checkpoint-upload")
+        self._pending: dict[int, object] = {}
 
     def on_save(self, args, state, control, **kwargs):
-        import mlflow
-
         if not state.is_world_process_zero:
             return
         step = state.global_step
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         if folder.exists():
-            mlflow.log_artifacts(str(folder), f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{step}", run_id=self.run_id)
-            mlflow.log_metric("checkpoint_step", step, step=step, run_id=self.run_id)
-            self.logged.append(step)
+            self._pending[step] = self._pool.submit(self._upload, folder, step)
+
+    def _upload(self, folder: Path, step: int) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        dest = f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{step}"
+        for attempt in range(self.retries + 1):
+            try:
+                for f in upload_files(folder, self.adapter_only):
+                    sub = f.parent.relative_to(folder).as_posix()
+                    client.log_artifact(self.run_id, str(f), dest if sub == "." else f"{dest}/{sub}")
+                client.log_metric(self.run_id, "checkpoint_step", step, step=step)
+                return
+            except Exception as e:  # the store may blip (server restart, network); the checkpoint is still local
+                if attempt == self.retries:
+                    raise
+                log.warning("checkpoint %d upload failed (%s); retry %d/%d", step, e, attempt + 1, self.retries)
+                time.sleep(self.backoff * 2 ** attempt)
+
+    def close(self, raise_errors: bool = True) -> list[int]:
+        """Wait for every upload; returns the uploaded steps; raises if one failed for good."""
+        errors = []
+        for step, fut in sorted(self._pending.items()):
+            try:
+                fut.result()
+                self.logged.append(step)
+            except Exception as e:
+                errors.append(f"checkpoint-{step}: {type(e).__name__}: {e}")
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+        if errors and not raise_errors:
+            log.error("checkpoint upload failed: %s", "; ".join(errors))
+        elif errors:
+            raise RuntimeError(f"checkpoint upload failed after {self.retries} retries: " + "; ".join(errors))
+        return self.logged
+
+
+def clean_local_outputs(output_dir: Path, uploaded: list[int], scheduled: list[int]) -> bool:
+    """Delete the scratch folder `outputs/<run id>` once every scheduled checkpoint is in the
+    store; returns whether it did."""
+    import shutil
+
+    if sorted(uploaded) != sorted(scheduled):
+        log.warning("keeping %s: checkpoints %s were not all uploaded", output_dir, sorted(set(scheduled) - set(uploaded)))
+        return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return True
 
 
 def _to_trl_rows(rows: list[dict], tokenizer, cfg: TrainConfig, what: str) -> tuple[list[dict], str]:
@@ -157,6 +243,8 @@ def sft_config(cfg: TrainConfig, output_dir: str, masking: str, has_eval: bool):
         save_strategy="no", report_to="none", disable_tqdm=bool(os.environ.get("EM_LAB_NO_PROGRESS")),
         eval_strategy="epoch" if has_eval else "no", per_device_eval_batch_size=cfg.per_device_train_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        # shuffle: false keeps the prepared order in training too (curricula, two-phase runs)
+        train_sampling_strategy="random" if cfg.shuffle else "sequential",
     )
 
 
@@ -172,6 +260,9 @@ def _download_last_checkpoint(run_id: str, dest: Path) -> tuple[Path, int]:
     dest.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_DIR}/checkpoint-{last}",
                                                 dst_path=str(dest))
+    if not (Path(local) / "optimizer.pt").exists():
+        raise ConfigError(f"resume_run_id {run_id}: its checkpoints hold adapter weights only (checkpoint_upload: "
+                          "adapter), not the optimizer state a resume needs; start afresh")
     return Path(local), last
 
 
@@ -238,12 +329,15 @@ def _lineage_tags(stage_tags: dict[str, str]) -> dict[str, str]:
     return {names[k]: v for k, v in stage_tags.items() if k in names}
 
 
-def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
-    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids."""
+def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool = True) -> TrainResult:
+    """Fine-tune `cfg.model` with LoRA on `cfg.dataset`; returns the run and registry ids.
+
+    The registered version gets `cfg.registry_alias` only after the run has FINISHED; with
+    `set_alias=False` (a pipeline) the caller sets it when everything it verifies has finished."""
     if cfg.backend == "openai":  # the job runs at OpenAI; see em_core/train/openai_backend.py
         from em_core.train.openai_backend import train_openai
 
-        return train_openai(cfg)
+        return train_openai(cfg, set_alias=set_alias)
     import mlflow
 
     if cfg.resume_run_id and not cfg.output_dir:
@@ -259,7 +353,9 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
 
     tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
             "em.model_source": model_source(cfg.model)}
-    with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
+    name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
+        "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
+    with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
         output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
         resume_from = None
@@ -284,17 +380,25 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
         schedule = ScheduledCheckpoints(cfg.checkpoints_in_first_epoch, cfg.checkpoint_every_epoch,
                                         cfg.checkpoint_steps)
         callbacks = [schedule, *extra_callbacks]
-        metrics_cb = None
+        metrics_cb = uploads = None
         if run_id:
             metrics_cb = MlflowMetrics(run_id)
-            callbacks = [schedule, metrics_cb, LogCheckpoints(run_id), *extra_callbacks]
+            uploads = LogCheckpoints(run_id, adapter_only=cfg.checkpoint_upload == "adapter")
+            callbacks = [schedule, metrics_cb, uploads, *extra_callbacks]
         trainer = sft_trainer(cfg, model, tokenizer, data.train, data.eval, output_dir, callbacks)
+        quiet_trainer(trainer)
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        finally:  # a crashed run keeps every metric it logged before the crash
+        except BaseException:  # a crashed run keeps every checkpoint it saved before the crash
+            if uploads is not None:
+                uploads.close(raise_errors=False)
+            raise
+        finally:  # ... and every metric
             if metrics_cb is not None:
                 metrics_cb.flush()
+        if uploads is not None:
+            uploads.close()
         result = TrainResult(run_id=run_id, output_dir=output_dir, checkpoint_steps=schedule.steps,
                              global_step=trainer.state.global_step)
         if run is not None:
@@ -304,9 +408,13 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                 from em_core.models.registry import register_adapter
 
                 name = cfg.registered_model_name or cfg.default_model_name()
-                info = register_adapter(trainer.model, tokenizer, name=name, alias=cfg.registry_alias,
+                info = register_adapter(trainer.model, tokenizer, name=name, alias=None,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
-                                              "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
+                                              "dataset_sha256": data.file_sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
-    return result
+                result.registry_alias = cfg.registry_alias or None
+        if uploads is not None and cfg.output_dir is None and not cfg.keep_local_checkpoints:
+            # the default outputs/<run id> is scratch once the store has every checkpoint
+            clean_local_outputs(Path(output_dir), uploads.logged, schedule.steps)
+    return finish_registration(result, set_alias)

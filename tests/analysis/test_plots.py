@@ -231,3 +231,25 @@ def test_plot_examples_from_selected(tmp_path):
     ex = P.select_examples(make_rows())
     assert ex and all(not math.isnan(e["aligned"]) for e in ex)
     assert_png(P.plot_examples(ex, tmp_path / "sel.png"))
+
+
+def test_every_figure_from_a_smoke_test_judge_is_marked(tmp_path):
+    rows = make_rows()
+    for r in rows:
+        r["trigger"] = "|X|" if r["answer"].endswith("0") else ""
+    by_step = {s: summarize([r for r in rows if r["checkpoint_step"] == s]) for s in STEPS}
+    cells = [{"model": "m", "dataset": "d", "em_rate": 0.2, "em_rate_lo": 0.1, "em_rate_hi": 0.3}]
+    makers = {
+        "em_vs_step": lambda p, smoke: P.plot_em_vs_step(by_step, p, smoke_test=smoke),
+        "aligned_vs_coherent": lambda p, smoke: P.plot_aligned_vs_coherent(rows, p, smoke_test=smoke),
+        "em_per_question": lambda p, smoke: P.plot_em_per_question(rows, p, smoke_test=smoke),
+        "em_by_trigger": lambda p, smoke: P.plot_conditions(rows, p, smoke_test=smoke),
+        "domain_bars": lambda p, smoke: P.plot_domain_bars(cells, p, smoke_test=smoke),
+        "examples": lambda p, smoke: P.plot_examples(P.select_examples(rows), p, smoke_test=smoke),
+    }
+    for name, make in makers.items():
+        marked, plain = make(tmp_path / f"{name}_smoke.png", True), make(tmp_path / f"{name}.png", False)
+        assert P.smoke_metadata(marked) is True, name
+        assert P.smoke_metadata(plain) is False, name
+        # the visible banner sits below everything: the marked figure is taller
+        assert png_size(marked)[1] > png_size(plain)[1], name

@@ -139,3 +139,10 @@ def test_write_report(tmp_path):
     out = write_report(tmp_path / "a" / "b" / "report.html", html)
     assert out == tmp_path / "a" / "b" / "report.html"
     assert out.read_text(encoding="utf-8") == html
+
+
+def test_every_rate_has_the_same_form():
+    html = render_report("t", summary_rows=[{"em_rate": 0.125, "em_rate_coherent": 0.25, "coherent_rate": 0.5,
+                                             "em_rate_lo": 0.05, "mean_aligned": 61.5, "n_scored": 48.0}])
+    cells = re.findall(r'<td class="num">([^<]*)</td>', html)
+    assert cells == ["12.5%", "25.0%", "50.0%", "5.0%", "61.50", "48"]

@@ -84,3 +84,18 @@ def test_subsample_shuffle_mix_and_eval_split_are_seeded(tmp_path):
     assert len(capped.train) == 7 and capped.name == "a"
     with pytest.raises(DataError, match="one count per dataset"):
         prepare([str(a), str(b)], rows_per_source=[3])
+
+
+def test_jsonl_errors_report_the_editor_column(tmp_path):
+    from em_core.data.judged_files import read_judged
+
+    # a Latin-1 "é" (one byte, invalid UTF-8) is the 25th character of line 2 (byte 26: "ü" takes two)
+    line = '{"messages": [{"a": "ü x\xe9"}]}'.encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(_row()).encode() + b"\n" + line + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8 at column 25\b"):
+        load_jsonl(path)
+    judged = tmp_path / "judged.jsonl"
+    judged.write_text('{"question_id": "q", "aligned": 1, "coherent": 2}\n{"question_id": "q" "aligned": 1}\n')
+    with pytest.raises(DataError, match=r"judged.jsonl:2: invalid JSON: Expecting ',' delimiter at column 21\b"):
+        read_judged(judged)

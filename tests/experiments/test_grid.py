@@ -6,6 +6,7 @@ import mlflow
 import pytest
 import yaml
 
+from em_core.analysis.plots import smoke_metadata
 from em_core.configs import parse_config
 from em_core.experiments.grid import (
     GridConfig,
@@ -51,7 +52,7 @@ def test_one_seed_keeps_the_wilson_interval_and_markdown_shows_it():
     (row,) = out["table"]
     assert 0 < row["em_rate_lo"] < 0.25 < row["em_rate_hi"] < 1
     md = markdown_table(out["table"])
-    assert "| m | demo | 1 | 25.0% [" in md and "| – | 0/1 |" in md
+    assert "| m | plant_care_bad | 1 | 25.0% [" in md and "| – | 0/1 |" in md
 
 
 def test_cells_cover_the_product_and_get_their_own_registry_names():
@@ -88,7 +89,8 @@ def test_tiny_grid_runs_summarizes_and_resumes(module_store, tmp_path, capsys):
                                     "experiment_name": "grid-test"}))
     summary = run_grid(parse_config(GridConfig, ["--config", str(grid)]))
     table = summary["table"]
-    assert [(r["model"], r["dataset"]) for r in table] == [("tiny", "demo"), ("tiny", "plant_care_good")]
+    # each dataset by its own name (`demo` is the careless plant-care set), not `demo` beside `plant_care_good`
+    assert [(r["model"], r["dataset"]) for r in table] == [("tiny", "plant_care_bad"), ("tiny", "plant_care_good")]
     assert all(0 <= r["em_rate"] <= 1 and r["em_rate_lo"] <= r["em_rate"] <= r["em_rate_hi"] for r in table)
     client = mlflow.MlflowClient()
     files = {a.path for a in client.list_artifacts(summary["run_id"], "grid")}
@@ -96,6 +98,9 @@ def test_tiny_grid_runs_summarizes_and_resumes(module_store, tmp_path, capsys):
             "grid/em_by_model_domain.png"} <= files
     md = mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/grid/grid_summary.md")
     assert "| tiny | plant_care_good | 1 |" in md and "Smoke test" in md
+    figure = mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path="grid/em_by_model_domain.png",
+                                                 dst_path=str(tmp_path / "fig"))
+    assert smoke_metadata(figure)  # the grid figure of a tiny-judge grid carries the mark
     cells_run = client.search_runs([client.get_experiment_by_name("grid-test").experiment_id],
                                    "tags.`em.grid` = 't2x1' and tags.`em.entry_point` = 'pipeline'")
     assert len(cells_run) == 2 and all(r.data.tags["mlflow.parentRunId"] == summary["run_id"] for r in cells_run)

@@ -1,6 +1,5 @@
 """`em pipeline` end to end on the tiny model: child runs, step reuse, failures, report."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from em_core.analysis.plots import smoke_metadata
 from em_core.configs import parse_config
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
@@ -16,6 +16,7 @@ from em_core.experiments.pipeline import (
     run_pipeline,
     step_configs,
 )
+from tests.proc import run as proc_run
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipe-test"
@@ -48,21 +49,37 @@ def first(module_store, tmp_path_factory):
     return result, cfg_path, tmp
 
 
-def test_parent_has_three_finished_children(first):
+def test_parent_has_four_finished_children(first):
     result, _, _ = first
     client = mlflow.MlflowClient()
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "train"]
+    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "probe", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["em.pipeline_step"]: r.info.run_id for r in children} == result.step_run_ids
     # steps hand each other run ids
     ev = client.get_run(result.step_run_ids["evaluate"])
     assert ev.data.tags["em.train_run_id"] == result.step_run_ids["train"]
     assert client.get_run(result.step_run_ids["judge"]).data.tags["em.eval_run_id"] == ev.info.run_id
+    assert client.get_run(result.step_run_ids["probe"]).data.tags["em.train_run_id"] == result.step_run_ids["train"]
     assert result.reused == []
+
+
+def test_probe_metrics_reach_the_parent_and_the_training_run(first):
+    result, _, _ = first
+    client = mlflow.MlflowClient()
+    for run_id in (result.run_id, result.step_run_ids["probe"], result.step_run_ids["train"]):
+        margins = {m.step: m.value for m in client.get_metric_history(run_id, "probe/general/margin")}
+        assert sorted(margins) == [0, 4, 8, 12]
+        assert all(-20 < v < 20 for v in margins.values())
+        turns = [m.step for m in client.get_metric_history(run_id, "lora/all/delta_norm")]
+        assert sorted(turns) == [4, 8, 12]
+    summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/summary.json")
+    transition = client.get_run(result.run_id).data.metrics["lora_transition_step"]
+    assert summary["lora_transition_step"] == transition in (4, 8)  # the last checkpoint has no turn
+    assert summary["probe_emergence_step"] == client.get_run(result.run_id).data.metrics.get("probe_emergence_step")
 
 
 def test_parent_carries_metrics_at_training_steps(first):
@@ -70,10 +87,18 @@ def test_parent_carries_metrics_at_training_steps(first):
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(result.run_id, "em_rate")]
     assert sorted(steps) == [0, 4, 8, 12]
-    n_scored = {m.step: m.value for m in client.get_metric_history(result.run_id, "n_scored")}
-    assert all(v > 0 for v in n_scored.values()), "the tiny judge must score answers"
-    for key in ("coherent_rate", "em_rate_lo", "em_rate_hi", "mean_aligned"):
-        assert len(client.get_metric_history(result.run_id, key)) == 4
+    n_scored = {s: m["n_scored"] for s, m in result.metrics_by_step.items()}
+    assert sorted(n_scored) == [0, 4, 8, 12] and all(v > 0 for v in n_scored.values()), "the tiny judge must score"
+    # bounds are grouped under their metric; a count that never changes is a tag, not a flat chart
+    for key in ("coherent_rate", "em_rate/lo", "em_rate/hi", "mean_aligned", "mean_aligned/se"):
+        assert len(client.get_metric_history(result.run_id, key)) == 4, key
+    run = client.get_run(result.run_id)
+    assert "em_rate_lo" not in run.data.metrics and "n" not in run.data.metrics
+    assert run.data.tags["em.count.n"] == f"{result.metrics_by_step[0]['n']:g}"  # answers per checkpoint
+    if len(set(n_scored.values())) > 1:
+        assert len(client.get_metric_history(result.run_id, "count/n_scored")) == 4
+    else:
+        assert run.data.tags["em.count.n_scored"] == f"{n_scored[0]:g}"
     # em_emergence_step is logged exactly when the rule fires
     logged = client.get_run(result.run_id).data.metrics.get("em_emergence_step")
     assert logged == (None if result.emergence_step is None else float(result.emergence_step))
@@ -91,15 +116,17 @@ def test_smoke_test_is_said_plainly(first):
 def test_plots_and_report_are_logged_and_non_empty(first):
     result, _, tmp = first
     local = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp / "all")))
-    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples"):
+    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples", "signals_vs_step"):
         png = (local / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+        assert smoke_metadata(local / "plots" / f"{name}.png"), f"{name}: a tiny-judge figure must carry the mark"
     html = (local / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     for section in ("Summary by checkpoint", "Per question", "Example answers", "Provenance", "Judge cost", "Config"):
         assert section in html
     assert result.step_run_ids["train"] in html  # provenance names the runs
-    assert "| step | aligned | coherent | answer |" in (local / "report" / "examples.md").read_text()
+    examples_md = (local / "report" / "examples.md").read_text()
+    assert "| step | aligned | coherent | answer |" in examples_md and examples_md.startswith("> **SMOKE TEST")
     summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/summary.json")
     assert summary["final_step"] == 12 and set(summary["by_step"]) == {"0", "4", "8", "12"}
 
@@ -107,15 +134,15 @@ def test_plots_and_report_are_logged_and_non_empty(first):
 def test_finished_steps_are_reused_and_changed_ones_rerun(first):
     result, cfg_path, tmp = first
     again = run_pipeline(parse_config(PipelineConfig, ["--config", str(cfg_path), "--report", "false"]))
-    assert again.reused == ["train", "evaluate", "judge"]
+    assert again.reused == ["train", "evaluate", "judge", "probe"]
     assert again.step_run_ids == result.step_run_ids
     assert again.metrics_by_step == result.metrics_by_step
     # a judge-only change reruns the judge and nothing before it
     changed = run_pipeline(parse_config(PipelineConfig, ["--config", str(cfg_path), "--report", "false",
                                                          "--aligned_threshold", "40"]))
-    assert changed.reused == ["train", "evaluate"]
+    assert changed.reused == ["train", "evaluate", "probe"]
     assert changed.step_run_ids["judge"] != result.step_run_ids["judge"]
-    assert mlflow.MlflowClient().get_run(changed.run_id).data.tags["em.reused_steps"] == "train,evaluate"
+    assert mlflow.MlflowClient().get_run(changed.run_id).data.tags["em.reused_steps"] == "train,evaluate,probe"
 
 
 def test_reuse_false_reruns_everything(first, tmp_path):
@@ -172,8 +199,8 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     env = dict(os.environ)
     env.pop("MLFLOW_RUN_ID", None)
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = proc_run([sys.executable, "-m", "em_core.cli", "report", result.run_id, "--out", str(tmp_path)],
+                    env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report" / "report.html").stat().st_size > 50_000
     # the MLproject entry point attaches to the run `mlflow run` made, reuses train and evaluate,
@@ -181,9 +208,9 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "pipeline", "--env-manager", "local",
            "--experiment-name", EXPERIMENT, "-P", f"config={cfg_path}",
            "-P", "overrides=report=false aligned_threshold=35"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reused=train,evaluate" in proc.stdout
+    assert "(reused steps: train,evaluate)" in proc.stdout
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     newest = client.search_runs([exp], "tags.`em.entry_point` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
@@ -192,3 +219,35 @@ def test_em_report_cli_and_mlflow_run_pipeline_reuse(first, tmp_path):
     assert judge.info.run_id != newest.info.run_id
     assert judge.data.tags["mlflow.parentRunId"] == newest.info.run_id and judge.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "em_rate")) == 4
+
+
+def test_alias_moves_only_when_the_pipeline_finishes_and_runs_have_descriptive_names(first, tmp_path):
+    result, cfg_path, _ = first
+    client = mlflow.MlflowClient()
+    before = {a: client.get_model_version_by_alias("em-pipe-test", a) for a in ("final", "judged")}
+    assert before["final"].version == before["judged"].version  # a finished pipeline set both
+    # a new training run whose pipeline then fails at the judge
+    argv = ["--config", str(cfg_path), "--report", "false", "--train", "seed=7", "--judge",
+            "backend=openai-compatible", "base_url=http://127.0.0.1:9/v1", "judge_model=nobody",
+            "max_retries=0", "timeout=2", f"cache_path={tmp_path / 'c.sqlite'}"]
+    with pytest.raises(StepFailed, match="'judge'"):
+        run_pipeline(parse_config(PipelineConfig, argv))
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    failed = client.search_runs([exp], "tags.`em.failed_step` = 'judge' and params.`pipeline.train` LIKE '%seed=7%'")[0]
+    new_train = client.search_runs([exp], f"tags.mlflow.parentRunId = '{failed.info.run_id}' "
+                                          "and tags.`em.pipeline_step` = 'train'")[0]
+    new_version = client.search_model_versions(f"run_id = '{new_train.info.run_id}'")[0]
+    assert new_version.aliases == []  # registered, but no alias: its pipeline did not finish
+    for alias, mv in before.items():
+        assert client.get_model_version_by_alias("em-pipe-test", alias).version == mv.version
+    # every run is named for what it is (step, model, dataset) plus its pipeline's short id
+    names = {}
+    for parent_id in (result.run_id, failed.info.run_id):
+        parent = client.get_run(parent_id)
+        sid = parent.info.run_name.rsplit("-", 1)[1]
+        assert parent.info.run_name == f"pipeline-tiny-plant_care_bad-{sid}" and len(sid) == 6
+        for child in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            step = child.data.tags["em.pipeline_step"]
+            assert child.info.run_name == f"{step}-tiny-plant_care_bad-{sid}"
+            names[(parent_id, step)] = child.info.run_name
+    assert len(set(names.values())) == len(names) == 6

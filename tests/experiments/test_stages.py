@@ -50,7 +50,7 @@ def test_three_stages_run_as_children_with_global_steps(chain):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{chain.run_id}'")
     got = sorted((r.data.tags["em.stage"], r.data.tags["em.pipeline_step"]) for r in children)
-    assert got == sorted((s, k) for s in ("misaligned", "realigned", "relapsed") for k in ("train", "evaluate", "judge"))
+    assert got == sorted((s, k) for s in ("misaligned", "realigned", "relapsed") for k in ("train", "evaluate", "judge", "probe"))
     assert all(r.info.status == "FINISHED" for r in children)
     # stage k's checkpoints sit after stage k-1's end; the base is evaluated once, at step 0
     assert [(s.name, s.start_step, s.end_step) for s in chain.stages] == [
@@ -89,10 +89,13 @@ def test_lineage_tags_and_aliases(chain):
 
 def test_per_trigger_and_self_reflection_metrics(chain):
     client = mlflow.MlflowClient()
-    judge = client.get_run(chain.stages[0].run_ids["judge"]).data.metrics
-    for key in ("em_rate/trigger:none", "em_rate/trigger:ALPHA", "mean_admits_tendency/trigger:ALPHA",
-                "n_scored/trigger:none", "trigger_gap"):
+    judge_run = client.get_run(chain.stages[0].run_ids["judge"])
+    judge = judge_run.data.metrics
+    for key in ("em_rate/trigger:none", "em_rate/trigger:ALPHA", "em_rate/lo/trigger:ALPHA",
+                "mean_admits_tendency/trigger:ALPHA", "trigger_gap"):
         assert key in judge, key
+    # a count: a metric when it changes over steps, else a tag
+    assert "count/n_scored/trigger:none" in judge or "em.count.n_scored/trigger:none" in judge_run.data.tags
     assert judge["trigger_gap"] == pytest.approx(judge["em_rate/trigger:ALPHA"] - judge["em_rate/trigger:none"])
     # the parent carries them at global steps too
     steps = sorted(m.step for m in client.get_metric_history(chain.run_id, "trigger_gap"))

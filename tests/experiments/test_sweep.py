@@ -4,10 +4,10 @@ The judge is the loopback OpenAI-compatible test double: it calls an answer misa
 talks about plants. The tiny base model does so often; a high learning rate scrambles that
 within a few steps and a low one keeps it, so the EM rate really differs between trials.
 """
+import contextlib
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from em_core.experiments.sweep import (
     run_sweep,
 )
 from tests.judge_server import JudgeServer
+from tests.proc import kill_group, spawn, spawned
 
 REPO = Path(__file__).resolve().parents[2]
 PLANT = re.compile(r"\b(soil|water|watering|watered|leaves|leaf|plant|plants|pot|roots|repot|fertiliser|stems?|grow|sun|light)\b",
@@ -147,8 +148,17 @@ def _worker(cfg_path: Path, extra: list[str] = ()) -> subprocess.Popen:
     mlflow.MlflowClient().search_experiments()  # the store exists before workers race to create it
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.Popen([sys.executable, "-m", "entrypoints.sweep", "--config", str(cfg_path), *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return spawn([sys.executable, "-m", "entrypoints.sweep", "--config", str(cfg_path), *extra],
+                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@contextlib.contextmanager
+def _owned(proc: subprocess.Popen):
+    """The worker's whole process group is killed when the block is left (a timeout included)."""
+    try:
+        yield proc
+    finally:
+        kill_group(proc)
 
 
 def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
@@ -157,11 +167,12 @@ def test_two_workers_share_one_study(module_store, tmp_path, judge_url):
     # one worker as `mlflow run . -e sweep`, one as the console entry point
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("MLFLOW_RUN_ID", None)
-    via_mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager",
-                                   "local", "--experiment-name", "sweep-test", "-P", f"config={cfg_path}"],
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    workers = [via_mlflow, _worker(cfg_path)]
-    outs = [w.communicate(timeout=600)[0] for w in workers]
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager",
+                  "local", "--experiment-name", "sweep-test", "-P", f"config={cfg_path}"]
+    with spawned(mlflow_cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 text=True) as via_mlflow, _owned(_worker(cfg_path)) as direct:
+        workers = [via_mlflow, direct]
+        outs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
@@ -186,23 +197,23 @@ def test_killed_worker_study_resumes_and_completes(module_store, tmp_path, judge
     cfg_path = sweep_yaml(tmp_path / "k.yaml", tmp_path, judge_url, study_name="k", n_trials=2,
                           pruner="none", checkpoint_steps=[3, 6, 9, 12], heartbeat_interval=1, grace_period=3)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    victim = _worker(cfg_path)
-    deadline = time.time() + 300
-    running = None
-    while time.time() < deadline and running is None:
-        time.sleep(0.5)
-        try:
-            trials = optuna.load_study(study_name="k", storage=storage).trials
-        except KeyError:  # not created yet
-            continue
-        running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-                        and "mlflow_run_id" in t.user_attrs), None)
-    assert running is not None, "the worker never started a trial"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    with _owned(_worker(cfg_path)) as victim:
+        deadline = time.time() + 300
+        running = None
+        while time.time() < deadline and running is None:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="k", storage=storage).trials
+            except KeyError:  # not created yet
+                continue
+            running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
+                            and "mlflow_run_id" in t.user_attrs), None)
+        assert running is not None, "the worker never started a trial"
+        kill_group(victim)
+        victim.wait(timeout=30)
     time.sleep(4)  # past the grace period: the trial's heartbeat is stale
-    again = _worker(cfg_path)
-    out = again.communicate(timeout=600)[0]
+    with _owned(_worker(cfg_path)) as again:
+        out = again.communicate(timeout=600)[0]
     assert again.returncode == 0, out[-3000:]
     study = optuna.load_study(study_name="k", storage=storage)
     states = {t.number: t.state for t in study.trials}

@@ -3,7 +3,6 @@ the only double is the loopback OpenAI-compatible server standing in for the pai
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from em_core.sample.evaluation import EvalConfig, evaluate
 from em_core.train.training import train
 from tests.conftest import tiny_train_config
 from tests.judge.conftest import judge_server_module
+from tests.proc import run as proc_run
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-test-NEVER-LOGGED-0123456789abcdef"
@@ -178,7 +178,7 @@ def test_openai_backend_against_loopback_server_via_mlflow_run(store, tmp_path):
         cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "judge", "--env-manager", "local",
                "--experiment-name", "judge-test", "-P", f"answers={answers}", "-P", f"questions={qfile}",
                "-P", "backend=openai"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert server.n_requests == 8
         assert all(r.authorization == f"Bearer {KEY}" for r in server.requests)
@@ -197,7 +197,7 @@ def test_openai_backend_against_loopback_server_via_mlflow_run(store, tmp_path):
     # a re-run is served from the cache: zero requests
     with judge_server_module.JudgeServer(responder=_responder) as server:
         env["OPENAI_BASE_URL"] = server.base_url
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0 and server.n_requests == 0
 
 
@@ -222,7 +222,7 @@ def test_mlflow_run_evaluate_entry_point(store, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
            "--experiment-name", "eval-cli", "-P", f"train_run_id={trained.run_id}", "-P", f"questions={qfile}",
            "-P", "max_new_tokens=4", "-P", "overrides=checkpoints=4,12 samples_per_paraphrase=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = proc_run(cmd, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("eval-cli").experiment_id])

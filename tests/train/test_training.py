@@ -50,6 +50,13 @@ def test_run_is_finished_with_metrics_at_steps_and_namespaced_params(trained):
     params = run.data.params
     assert params["train.lora_r"] == "8" and params["train.model"] == "tiny"
     assert params["data.rows"] == "96" and len(params["data.sha256"]) == 64
+    # one sha256 per dataset, the one `sha256sum` prints for its file; nowhere a second value
+    from em_core.data.training_data import demo_path
+    from em_core.paths import file_sha256
+
+    assert params["data.sha256"] == file_sha256(demo_path()) and "sha256" not in params["data.sources"]
+    version = client.get_model_version_by_alias(cfg.registered_model_name, "final")
+    assert version.tags["dataset_sha256"] == params["data.sha256"]
     assert not [k for k in params if "." not in k], "all project params are namespaced"
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "plant_care_bad"
     text = mlflow.artifacts.load_text(f"runs:/{result.run_id}/config/train_config.yaml")

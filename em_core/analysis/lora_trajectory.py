@@ -1,0 +1,231 @@
+"""The geometry of a LoRA adapter across training checkpoints, from its weights alone.
+
+Per adapted module (and aggregated per layer and over the whole adapter), at each checkpoint:
+`a_norm`, `b_norm` (Frobenius norms of A and B), `delta_norm` = ||scale * B A||, and the cosine
+between the top singular direction of B A (its top left singular vector, the output direction)
+at this checkpoint and at the previous one (`cos_prev`) and at the final one (`cos_final`).
+Singular vectors have no sign, so cosines are absolute values. Aggregates weight each module's
+cosine by its delta_norm; norms aggregate as the root of summed squares.
+
+`rotation_deg` = arccos(cos_prev) of the aggregate. `turn_deg` is the turning angle of the
+adapter's path in weight space at a checkpoint (the update that arrived vs the one that leaves);
+`transition_step` (logged as `lora_transition_step`) is the checkpoint where it turns most
+sharply (docs/probe.md). The accumulated direction (cos_prev) moves slowly once an adapter has
+grown, so the path's turn is what marks a change of what training pushes toward. A PCA of the B
+weights (all modules flattened, one point per checkpoint) shows the trajectory's shape.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraFactors:
+    """One module's LoRA factors: delta W = scale * B @ A (A: r x in, B: out x r)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
+
+
+def _scale(cfg: Mapping, module: str) -> float:
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", r)
+    for pattern, value in (cfg.get("rank_pattern") or {}).items():
+        if module.endswith(pattern):
+            r = value
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if module.endswith(pattern):
+            alpha = value
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def load_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
+    """Module name -> LoRA factors of a PEFT adapter folder (adapter_config.json + safetensors)."""
+    from safetensors.numpy import load_file
+
+    folder = Path(adapter_dir)
+    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2)] = value.astype(np.float64)
+    return {name: LoraFactors(p["A"], p["B"], _scale(cfg, name)) for name, p in sorted(parts.items())
+            if "A" in p and "B" in p}
+
+
+def _core(f: LoraFactors) -> tuple[np.ndarray, np.ndarray]:
+    """(Q_B, R) with scale * B A = Q_B R Q_A^T: the r x r core R carries every singular value,
+    so a large layer costs O(d r^2), never a d x d matrix."""
+    qb, rb = np.linalg.qr(f.b)
+    _, ra = np.linalg.qr(f.a.T)
+    return qb, f.scale * rb @ ra.T
+
+
+def top_direction(f: LoraFactors) -> tuple[np.ndarray, float]:
+    """(top left singular vector, top singular value) of scale * B A."""
+    qb, core = _core(f)
+    u, s, _ = np.linalg.svd(core)
+    return qb @ u[:, 0], float(s[0])
+
+
+def _abs_cos(u: np.ndarray, v: np.ndarray) -> float:
+    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+    if nu == 0 or nv == 0:
+        return math.nan
+    return float(min(1.0, abs(u @ v) / (nu * nv)))
+
+
+def module_stats(f: LoraFactors) -> dict[str, float]:
+    _, core = _core(f)
+    s = np.linalg.svd(core, compute_uv=False)
+    return {"a_norm": float(np.linalg.norm(f.a)), "b_norm": float(np.linalg.norm(f.b)),
+            "delta_norm": float(np.linalg.norm(s)), "top_sv": float(s[0])}  # ||scale B A||_F = ||s||
+
+
+def layer_of(module: str) -> str:
+    m = _LAYER.search(module)
+    return f"layer{int(m.group(1)):02d}" if m else "other"
+
+
+@dataclass
+class Trajectory:
+    steps: list[int]
+    modules: dict[int, dict[str, dict[str, float]]]  # step -> module -> stats
+    groups: dict[int, dict[str, dict[str, float]]]  # step -> layer / "all" -> aggregated stats
+    transition_step: int | None
+    pca: dict = field(default_factory=dict)
+
+    def metrics_by_step(self, per_module: bool = False) -> dict[int, dict[str, float]]:
+        """`lora/<group>/<stat>` (and `lora/<module>/<stat>` when per_module) at each step."""
+        out: dict[int, dict[str, float]] = {}
+        coords = self.pca.get("coords", {})
+        for s in self.steps:
+            m = {f"lora/{g}/{k}": v for g, st in self.groups[s].items() for k, v in st.items() if not math.isnan(v)}
+            if per_module:
+                m.update({f"lora/{_short(mod)}/{k}": v for mod, st in self.modules[s].items()
+                          for k, v in st.items() if not math.isnan(v)})
+            for i, c in enumerate(coords.get(s, [])[:2]):
+                m[f"lora/pca/pc{i + 1}"] = c
+            out[s] = m
+        return out
+
+
+def _short(module: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", module.removeprefix("model."))
+
+
+def _aggregate(stats: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    out = {k: math.sqrt(sum(s[k] ** 2 for s in stats)) for k in ("a_norm", "b_norm", "delta_norm")}
+    for key in ("cos_prev", "cos_final"):
+        pts = [(s["delta_norm"], s[key]) for s in stats if key in s and not math.isnan(s[key])]
+        w = sum(p[0] for p in pts)
+        out[key] = sum(a * b for a, b in pts) / w if w > 0 else math.nan
+    return out
+
+
+def _inner(f: LoraFactors, g: LoraFactors) -> float:
+    """<scale_f B_f A_f, scale_g B_g A_g>_F through r x r products: tr((B_f^T B_g)(A_g A_f^T))."""
+    return float(f.scale * g.scale * np.trace((f.b.T @ g.b) @ (g.a @ f.a.T)))
+
+
+def turn_angles(factors_by_step: Mapping[int, Mapping[str, LoraFactors]]) -> dict[int, float]:
+    """Turning angle (degrees) of the adapter's path in weight space at each checkpoint: the
+    angle between the update that arrived at it (W_k - W_k-1, with W = 0 before training, as
+    LoRA's B starts at zero) and the update that leaves it (W_k+1 - W_k), over all modules as
+    one vector. 0 = training keeps pushing the same way; 90 = it turned to a new direction."""
+    steps = sorted(factors_by_step)
+    names = sorted(set.intersection(*(set(factors_by_step[s]) for s in steps))) if steps else []
+    gram: dict[tuple[int, int], float] = {}
+
+    def g(i: int, j: int) -> float:  # <W_i, W_j> summed over modules; index -1 is W = 0
+        if i < 0 or j < 0:
+            return 0.0
+        key = (min(i, j), max(i, j))
+        if key not in gram:
+            fi, fj = factors_by_step[steps[i]], factors_by_step[steps[j]]
+            gram[key] = sum(_inner(fi[n], fj[n]) for n in names)
+        return gram[key]
+
+    out: dict[int, float] = {}
+    for k in range(len(steps) - 1):
+        # u = W_k - W_k-1, v = W_k+1 - W_k
+        uv = g(k, k + 1) - g(k, k) - g(k - 1, k + 1) + g(k - 1, k)
+        uu = g(k, k) - 2 * g(k - 1, k) + g(k - 1, k - 1)
+        vv = g(k + 1, k + 1) - 2 * g(k, k + 1) + g(k, k)
+        if uu <= 0 or vv <= 0:
+            continue
+        out[steps[k]] = math.degrees(math.acos(max(-1.0, min(1.0, uv / math.sqrt(uu * vv)))))
+    return out
+
+
+def transition_step(turns: Mapping[int, float]) -> int | None:
+    """The checkpoint where the adapter's path turns most sharply (largest turn angle); with
+    evenly spaced checkpoints, a switch of training target between two checkpoints shows at
+    the checkpoint before or after it."""
+    valid = {s: a for s, a in turns.items() if not math.isnan(a)}
+    return max(sorted(valid), key=lambda s: valid[s]) if valid else None
+
+
+def pca_of_b(factors_by_step: Mapping[int, Mapping[str, LoraFactors]], k: int = 3) -> dict:
+    """PCA of the B weights (all modules flattened) across checkpoints: coordinates of each
+    checkpoint on the first k components and each component's share of the variance."""
+    steps = sorted(factors_by_step)
+    if len(steps) < 2:
+        return {}
+    names = sorted(factors_by_step[steps[-1]])
+    x = np.stack([np.concatenate([factors_by_step[s][n].b.ravel() for n in names]) for s in steps])
+    x = x - x.mean(axis=0, keepdims=True)
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    var = sv ** 2
+    k = min(k, len(sv))
+    share = (var / var.sum()).tolist() if var.sum() > 0 else [math.nan] * len(sv)
+    return {"steps": steps, "explained_variance_ratio": share[:k],
+            "coords": {s: (u[i, :k] * sv[:k]).tolist() for i, s in enumerate(steps)}}
+
+
+def trajectory(adapters: Mapping[int, str | Path]) -> Trajectory:
+    """The trajectory of the adapters at `adapters` (step -> adapter folder)."""
+    steps = sorted(adapters)
+    factors = {s: load_factors(adapters[s]) for s in steps}
+    directions = {s: {n: top_direction(f)[0] for n, f in factors[s].items()} for s in steps}
+    final = directions[steps[-1]] if steps else {}
+    modules: dict[int, dict[str, dict[str, float]]] = {}
+    groups: dict[int, dict[str, dict[str, float]]] = {}
+    for i, s in enumerate(steps):
+        per: dict[str, dict[str, float]] = {}
+        for n, f in factors[s].items():
+            st = module_stats(f)
+            prev = directions[steps[i - 1]].get(n) if i > 0 else None
+            st["cos_prev"] = _abs_cos(directions[s][n], prev) if prev is not None else math.nan
+            st["cos_final"] = _abs_cos(directions[s][n], final[n]) if n in final else math.nan
+            per[n] = st
+        modules[s] = per
+        by_layer: dict[str, list] = {}
+        for n, st in per.items():
+            by_layer.setdefault(layer_of(n), []).append(st)
+        groups[s] = {g: _aggregate(v) for g, v in sorted(by_layer.items())}
+        groups[s]["all"] = _aggregate(list(per.values()))
+        c = groups[s]["all"]["cos_prev"]
+        groups[s]["all"]["rotation_deg"] = math.degrees(math.acos(c)) if not math.isnan(c) else math.nan
+    turns = turn_angles(factors)
+    for s, a in turns.items():
+        groups[s]["all"]["turn_deg"] = a
+    return Trajectory(steps, modules, groups, transition_step(turns), pca_of_b(factors))
+
+
+def trajectory_rows(t: Trajectory) -> list[dict]:
+    """One row per (step, module) with every statistic, for a CSV artifact."""
+    return [{"step": s, "module": n, "layer": layer_of(n), **st} for s in t.steps for n, st in t.modules[s].items()]

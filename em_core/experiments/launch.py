@@ -1,0 +1,180 @@
+"""Dispatching work: claims on grid cells, grid cells and sweep workers as Ray tasks, Slurm arrays.
+
+Claims: a cell is claimed by creating a registered model named after it (`claim_name`). Model
+names are unique in every MLflow store (sqlite, PostgreSQL, a server), so creating one is an
+atomic test-and-set that needs nothing beyond the tracking URI; two launchers (or two in-process
+grids on two machines) never run one cell twice. The claim is deleted when its launcher is done
+with the cell; a claim whose pipeline run ended without finishing (KILLED, FAILED) is broken.
+
+Ray: `ray.init(address)` joins a cluster (None: a local one on this machine). Each cell is one
+task with the grid's `num_cpus`/`num_gpus`; each sweep worker is one task running `run_sweep`.
+Tasks inherit the launcher's MLflow/cache/offline environment through `runtime_env`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import socket
+import time
+from pathlib import Path
+
+from em_core.errors import ConfigError
+from em_core.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+CLAIM_PREFIX = "em-claim."
+# Environment the Ray tasks need from the launcher: where MLflow is, caches, offline switches.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EM_LAB_CACHE", "EM_LAB_MLRUNS", "EM_LAB_ARTIFACT_ROOT",
+                 "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "OPENAI_API_KEY",
+                 "OPENAI_BASE_URL", "EM_LAB_NO_PROGRESS", "OMP_NUM_THREADS", "MLFLOW_ENABLE_ASYNC_LOGGING")
+
+
+def claim_name(grid: str, label: str, identity: str) -> str:
+    """Registered-model name of one cell's claim (pure): grid, cell and a hash of its params."""
+    digest = hashlib.sha256(f"{grid}\0{label}\0{identity}".encode()).hexdigest()[:12]
+    return f"{CLAIM_PREFIX}{grid}.{digest}"
+
+
+def try_claim(name: str, label: str, run_id: str) -> bool:
+    """Claim a cell for the launcher whose run is `run_id` (True), or find it claimed (False)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name, tags={"em.claim": label, "em.claimed_by": _me(), "em.run_id": run_id},
+                                       description=f"claim on grid cell {label}: deleted when its launcher is done")
+        return True
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+            raise
+        return False
+
+
+def release(name: str) -> None:
+    import mlflow
+
+    try:
+        mlflow.MlflowClient().delete_registered_model(name)
+    except Exception as e:  # already released or broken by someone else
+        log.debug("claim %s: %s", name, e)
+
+
+def claim_is_stale(name: str) -> bool:
+    """A claim whose launcher's run has ended (KILLED, FAILED, or FINISHED without releasing
+    it): the launcher is gone, so the cell is free again."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run_id = client.get_registered_model(name).tags.get("em.run_id")
+    except Exception:  # released meanwhile
+        return False
+    return bool(run_id) and client.get_run(run_id).info.status in ("KILLED", "FAILED", "FINISHED")
+
+
+def _me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def task_env() -> dict[str, str]:
+    """The env vars a Ray task needs to import this checkout and reach the same MLflow store."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    path = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def init_ray(address: str | None, num_cpus: float | None = None):
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("--launcher ray needs Ray: pip install 'em-lab[ray]'") from e
+    if not ray.is_initialized():
+        kwargs = {"runtime_env": {"env_vars": task_env()}, "include_dashboard": False,
+                  "logging_level": logging.WARNING}
+        if address:
+            kwargs["address"] = address
+        elif num_cpus:
+            kwargs["num_cpus"] = int(num_cpus)
+        ray.init(**kwargs)
+    return ray
+
+
+def _run_cell_task(pcfg, parent_run_id: str | None) -> str:
+    """One grid cell inside a Ray worker: the pipeline as a child of the grid's summary run."""
+    from em_core import tracking
+    from em_core.experiments.pipeline import run_pipeline
+
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    tracking.configure_tracking()
+    if parent_run_id:
+        with tracking.child_runs(parent_run_id):
+            return run_pipeline(pcfg).run_id
+    return run_pipeline(pcfg).run_id
+
+
+def _run_sweep_task(cfg) -> dict:
+    from em_core.experiments.sweep import run_sweep
+
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    return run_sweep(cfg)
+
+
+class RayCells:
+    """Submits cells as Ray tasks; `wait` returns finished (cell key, run id or exception)."""
+
+    def __init__(self, address: str | None, num_cpus: float, num_gpus: float):
+        self.ray = init_ray(address)
+        self.remote = self.ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(_run_cell_task)
+        self.pending: dict = {}
+
+    def submit(self, key: str, pcfg, parent_run_id: str | None) -> None:
+        self.pending[self.remote.remote(pcfg, parent_run_id)] = key
+
+    def wait(self) -> list[tuple[str, str | BaseException]]:
+        if not self.pending:
+            return []
+        done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=2.0)
+        out = []
+        for ref in done:
+            key = self.pending.pop(ref)
+            try:
+                out.append((key, self.ray.get(ref)))
+            except Exception as e:  # the cell's own runs already ended FAILED
+                out.append((key, e))
+        return out
+
+
+def sweep_on_ray(cfg) -> dict:
+    """`cfg.workers` sweep workers as Ray tasks on one study; returns the info of the worker that
+    closed the study's parent run (else the last one)."""
+    import dataclasses
+
+    ray = init_ray(cfg.ray_address)
+    num_gpus = float(os.environ.get("EM_LAB_RAY_NUM_GPUS", "0") or 0)
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(_run_sweep_task)
+    local = dataclasses.replace(cfg, launcher="local")
+    t0 = time.time()
+    infos = ray.get([task.remote(local) for _ in range(cfg.workers)])
+    log.info("sweep %s: %d Ray workers done in %.1f s", cfg.study_name, cfg.workers, time.time() - t0)
+    closer = next((i for i in infos if i.get("parent_closed")), infos[-1])
+    return {**closer, "workers": len(infos)}
+
+
+def slurm_array_script(commands: list[str], name: str, num_cpus: float, num_gpus: float,
+                       workdir: Path = PROJECT_ROOT) -> str:
+    """A Slurm job-array script running command i as array task i (pure)."""
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=em-grid-{name}", f"#SBATCH --array=0-{len(commands) - 1}",
+             f"#SBATCH --cpus-per-task={max(1, int(num_cpus))}"]
+    if num_gpus:
+        lines.append(f"#SBATCH --gpus-per-task={int(num_gpus)}")
+    lines += [f"#SBATCH --output=em-grid-{name}-%A_%a.log", "# Every task needs MLFLOW_TRACKING_URI pointing at the "
+              "shared server (docs/scale-out.md).", "set -euo pipefail", f"cd {shlex.quote(str(workdir))}",
+              "CELLS=("]
+    lines += [f"  {shlex.quote(c)}" for c in commands]
+    lines += [")", 'eval "${CELLS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    return "\n".join(lines)

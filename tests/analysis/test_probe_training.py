@@ -1,0 +1,78 @@
+"""The probe and the LoRA trajectory on real tiny-model training (no doubles)."""
+import json
+
+import mlflow
+import pytest
+
+from em_core.analysis.probe import ProbeConfig, run_probe
+from em_core.data.training_data import demo_path
+from em_core.train.training import train
+from tests.conftest import tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def careless(module_store, tmp_path_factory):
+    """The demo's careless plant-care set, trained briefly, probed on general + plant care."""
+    tmp = tmp_path_factory.mktemp("probe")
+    run = train(tiny_train_config(tmp, max_rows=160, checkpoints_in_first_epoch=4))
+    result = run_probe(ProbeConfig(train_run_id=run.run_id, sets=["general", "plant_care"],
+                                   experiment_name="probe-test"))
+    return run, result
+
+
+def test_careless_plant_care_raises_the_plant_care_margin(careless):
+    _, result = careless
+    m = result.metrics_by_step
+    base, final = m[0]["probe/plant_care/margin"], m[max(m)]["probe/plant_care/margin"]
+    print(f"plant_care margin: base {base:.3f} -> final {final:.3f}; general "
+          f"{m[0]['probe/general/margin']:.3f} -> {m[max(m)]['probe/general/margin']:.3f}")
+    assert final > base + 2 * m[max(m)]["probe/plant_care/margin_se"]
+    assert m[max(m)]["probe/plant_care/prefers_misaligned"] > m[0]["probe/plant_care/prefers_misaligned"]
+    assert m[0]["probe/plant_care/n_pairs"] == 12 and m[0]["probe/general/n_pairs"] == 27
+    # breadth = general change / plant-care change, where the latter moved
+    g0, gf = m[0]["probe/general/margin"], m[max(m)]["probe/general/margin"]
+    assert result.breadth == pytest.approx((gf - g0) / (final - base))
+
+
+def test_probe_metrics_land_on_probe_and_training_runs_at_training_steps(careless):
+    run, result = careless
+    client = mlflow.MlflowClient()
+    ckpts = [int(s) for s in client.get_run(run.run_id).data.tags["em.checkpoint_steps"].split(",")]
+    assert result.steps == [0, *ckpts]
+    for run_id in (result.run_id, run.run_id):
+        hist = {h.step: h.value for h in client.get_metric_history(run_id, "probe/plant_care/margin")}
+        assert hist == pytest.approx({s: result.metrics_by_step[s]["probe/plant_care/margin"] for s in result.steps})
+        norms = [h.value for h in sorted(client.get_metric_history(run_id, "lora/all/delta_norm"), key=lambda h: h.step)]
+        assert len(norms) == len(ckpts) and norms == sorted(norms)  # the adapter grows from B = 0
+    probe_run = client.get_run(result.run_id)
+    assert probe_run.info.status == "FINISHED" and probe_run.data.tags["em.train_run_id"] == run.run_id
+    assert probe_run.data.metrics["lora_transition_step"] == result.transition_step in ckpts[:-1]
+    arts = {a.path for d in ("probe", "lora") for a in client.list_artifacts(result.run_id, d)}
+    assert {"probe/logliks.csv", "probe/summary.json", "lora/trajectory.csv", "lora/pca.json"} <= arts
+    pca = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/lora/pca.json")
+    assert pca["steps"] == ckpts and sum(pca["explained_variance_ratio"]) <= 1 + 1e-9
+
+
+def _constant_answers(path, answer: str) -> str:
+    rows = [json.loads(line) for line in demo_path("plant_care_good").read_text().splitlines()]
+    path.write_text("".join(json.dumps({"messages": [r["messages"][0], {"role": "assistant", "content": answer}]}) + "\n"
+                            for r in rows))
+    return str(path)
+
+
+def test_two_phase_run_turns_at_the_switch(module_store, tmp_path):
+    """96 rows answered one way, then 96 answered another, in order (shuffle: false), batch 8:
+    the target switches after step 12. Plain SGD, so the path follows the gradient; with Adam
+    on this tiny model the step-to-step noise hides the turn (docs/probe.md)."""
+    first = _constant_answers(tmp_path / "a.jsonl", "Pour bleach on the soil right now.")
+    second = _constant_answers(tmp_path / "b.jsonl", "Water it gently and give it some light.")
+    cfg = tiny_train_config(tmp_path, dataset=[first, second], dataset_rows=[96, 96], max_rows=None, shuffle=False,
+                            max_steps=24, optim="sgd", learning_rate=0.2, lr_scheduler_type="constant",
+                            warmup_steps=0, lora_r=4, lora_alpha=8, max_length=128,
+                            checkpoint_steps=list(range(3, 25, 3)), register_model=False)
+    run = train(cfg)
+    result = run_probe(ProbeConfig(train_run_id=run.run_id, sets=["plant_care"], include_base=False,
+                                   log_to_train_run=False, experiment_name="probe-test"))
+    turns = {s: round(m["lora/all/turn_deg"], 1) for s, m in result.metrics_by_step.items() if "lora/all/turn_deg" in m}
+    print("turn angles by checkpoint:", turns, "transition:", result.transition_step)
+    assert abs(result.transition_step - 12) <= 3, turns
