@@ -60,14 +60,14 @@ def run_once(tracked: bool, steps: int, tmp: Path) -> float:
                       learning_rate=5e-3, max_length=192)
     data = prepare(cfg.dataset, max_rows=200)
     tok = load_tokenizer("tiny", padding_side="right")
-    rows, assistant_only = _to_trl_rows(data.train, tok)
+    rows, masking = _to_trl_rows(data.train, tok, cfg, "rows")
     timer = StepTimer()
     callbacks = [timer.callback]
     ctx = tracking.tracked_run("benchmark", "tracking-overhead") if tracked else None
     run = ctx.__enter__() if ctx else None
     if run:
         callbacks.append(MlflowMetrics(run.info.run_id))
-    trainer = SFTTrainer(model=load_model("tiny"), args=sft_config(cfg, str(tmp / "out"), assistant_only, False),
+    trainer = SFTTrainer(model=load_model("tiny"), args=sft_config(cfg, str(tmp / "out"), masking, False),
                          train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora_config(cfg), callbacks=callbacks)
     t0 = time.perf_counter()

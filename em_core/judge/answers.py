@@ -57,6 +57,8 @@ class JudgeConfig:
         "help": "pause (s) before the one last retry of requests that used up their retries"})
     timeout: float = 60.0
     min_mass: float = 0.25
+    max_completion_tokens: int | None = field(default=None, metadata={
+        "help": "mode text: reply budget per judgment (default 512; 4096 for reasoning models)"})
     cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
@@ -123,6 +125,7 @@ def build_judge(cfg: JudgeConfig):
     return make_judge(backend, model, base_url=cfg.base_url, mode=cfg.mode, concurrency=cfg.concurrency,
                       max_retries=cfg.max_retries, timeout=cfg.timeout, min_mass=cfg.min_mass,
                       backoff_base=cfg.backoff_base, final_retry_pause=cfg.retry_pause,
+                      max_completion_tokens=cfg.max_completion_tokens,
                       cache_path=cfg.cache_path or cache_dir() / "judge_cache.sqlite",
                       load_fn=_load_local_judge if backend == "local" else None)
 

@@ -341,17 +341,29 @@ class OpenAIJudge(Judge):
             return record
         logprobs = choice.get("logprobs")
         if logprobs is None:
-            raise JudgeError(
-                f"judge model {self.model!r} returned no logprobs; this server or model does not support "
-                "them: use mode='text'"
-            )
+            raise JudgeError(self._no_logprobs())
         content = logprobs.get("content") or []
         top = (content[0].get("top_logprobs") or []) if content else []
         # An empty distribution (e.g. the model stopped at once) scores as unscored, not an error.
         record["raw"] = probs_from_top_logprobs((t["token"], t["logprob"]) for t in top)
         return record
 
+    def _no_logprobs(self, detail: str = "") -> str:
+        where = safe_url(self.base_url) or "api.openai.com"
+        return (f"judge server at {where} does not return logprobs for {self.model!r}{detail}, and the 0-100 "
+                "rule of mode logprobs needs the top-20 token logprobs; use `mode: text` (--mode text, "
+                "mode='text'), which asks for the number and parses the reply. Nothing was scored.")
+
     async def _request(self, client: Any, prompt: str) -> Record:
+        try:
+            return await self._post(client, prompt)
+        except JudgeError as e:
+            # Servers that refuse the logprobs fields outright (4xx naming them) mean the same thing.
+            if self.mode == "logprobs" and "logprobs" in str(e) and "rejected with HTTP" in str(e):
+                raise JudgeError(self._no_logprobs(f" (it rejected the request: {e})")) from None
+            raise
+
+    async def _post(self, client: Any, prompt: str) -> Record:
         return await post_with_retries(
             client, "/chat/completions", self._params(prompt), self._record,
             what=f"judge {self.backend!r} ({self.model!r})", secret=self._api_key, max_retries=self.max_retries,
@@ -399,8 +411,11 @@ def default_load_fn(model_id: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+    from em_core.models.loading import resolve_model_path
+
+    path = resolve_model_path(model_id)  # `tiny`, `smollm2-135m` and .gguf files too
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval(), tokenizer

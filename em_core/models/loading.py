@@ -1,4 +1,4 @@
-"""One loading path for every model: the tiny offline model, local folders and hub ids."""
+"""One loading path for every model: the tiny offline model, `.gguf` files, local folders and hub ids."""
 from __future__ import annotations
 
 import logging
@@ -6,17 +6,39 @@ import os
 from pathlib import Path
 
 from em_core.errors import ConfigError
+from em_core.models.gguf import gguf_model_path, is_gguf, is_smollm2, resolve_smollm2
 from em_core.models.tiny import is_tiny, tiny_model_path
 
 log = logging.getLogger(__name__)
 
 
 def resolve_model_path(model_id: str) -> str:
-    """`tiny` -> the cached tiny model folder; anything else (hub id or path) unchanged."""
+    """What transformers loads for `model_id`: `tiny` -> the cached tiny model folder; a `.gguf`
+    file -> its converted, cached folder; `smollm2-135m` -> the hub id online, the packaged GGUF's
+    folder offline; anything else (hub id or folder) unchanged."""
     if not model_id or not str(model_id).strip():
-        raise ConfigError("model is empty: pass `tiny`, a hub id such as "
-                          "meta-llama/Llama-3.2-1B-Instruct, or a local folder")
-    return str(tiny_model_path()) if is_tiny(model_id) else str(model_id)
+        raise ConfigError("model is empty: pass `tiny`, `smollm2-135m`, a hub id such as "
+                          "meta-llama/Llama-3.2-1B-Instruct, a local folder or a .gguf file")
+    model_id = str(model_id).strip()
+    if is_tiny(model_id):
+        return str(tiny_model_path())
+    if is_smollm2(model_id):
+        model_id = resolve_smollm2()
+    if is_gguf(model_id):
+        return gguf_model_path(model_id)
+    return model_id
+
+
+def model_source(model_id: str) -> str:
+    """Where `model_id`'s weights come from, for provenance: `smollm2-135m` is the hub model
+    online and a dequantised Q4_1 GGUF offline, which are not the same weights."""
+    if is_smollm2(model_id):
+        model_id = resolve_smollm2()
+    if is_gguf(model_id):
+        from em_core.models.gguf import gguf_sha256
+
+        return f"gguf:{Path(model_id).name}@sha256:{gguf_sha256(Path(model_id).expanduser())}"
+    return str(model_id)
 
 
 def local_base_path(model_id: str) -> str | None:
@@ -92,4 +114,4 @@ def _not_found(model_id: str, err: Exception) -> str:
     hint = (" HF_HUB_OFFLINE=1 is set, so only models already in the local HF cache load;"
             if offline else "")
     return (f"model {model_id!r} could not be loaded: not a local folder and not loadable from the hub."
-            f"{hint} use `tiny` for the offline model, or a local folder. ({type(err).__name__})")
+            f"{hint} use `tiny` or `smollm2-135m` offline, a local folder or a .gguf file. ({type(err).__name__})")

@@ -80,6 +80,7 @@ class HFGenerator:
         self.base.eval()
         self.model = self.base  # becomes a PeftModel once an adapter is loaded
         self._shape: dict | None = None
+        self.stop_ids = stop_token_ids(self.tokenizer, self.base.generation_config)
         # steer/ablate hooks on the decoder layers (em_core.models.steering), applied while sampling
         self._intervention = read_intervention_spec(intervention) if intervention else (None, None)
 
@@ -137,16 +138,32 @@ class HFGenerator:
                 gen = self.model.generate(
                     **enc, max_new_tokens=params.max_new_tokens, do_sample=sample,
                     temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-                    top_k=0 if sample else None, pad_token_id=tok.pad_token_id)
+                    top_k=0 if sample else None, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids)
                 new = gen[:, enc["input_ids"].shape[1]:]
                 lengths = enc["attention_mask"].sum(dim=1).tolist()
                 for row, plen in zip(new, lengths):
-                    ids = row.tolist()
-                    n = next((i + 1 for i, t in enumerate(ids) if t == tok.eos_token_id), len(ids))
-                    n = len([t for t in ids[:n] if t != tok.pad_token_id])
-                    text = tok.decode(row, skip_special_tokens=True).strip()
+                    n = completion_length(row.tolist(), self.stop_ids)
+                    text = tok.decode(row[:n], skip_special_tokens=True).strip()
                     out.append(Generated(text, int(plen), n))
         return out
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a reply: the tokenizer's eos and the model's generation eos ids
+    (hub models often list several, e.g. Llama 3's <|eot_id|> beside <|end_of_text|>)."""
+    ids: list[int] = []
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def completion_length(ids: list[int], stop_ids: list[int]) -> int:
+    """Generated tokens up to and including the first stop token (everything when none came).
+    Counting by position, not by "is not pad": many hub tokenizers use eos as the pad token."""
+    stops = set(stop_ids)
+    return next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
 
 
 class VLLMGenerator:

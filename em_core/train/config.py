@@ -157,6 +157,6 @@ class TrainConfig:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     def default_model_name(self) -> str:
-        model = self.model.rstrip("/").split("/")[-1]
+        model = self.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
         data = "+".join(Path(d).name.split(".")[0].replace("demo:", "") for d in self.dataset)
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"em-{model}-{data}")[:200]

@@ -26,6 +26,7 @@ from em_core.models.loading import (
     load_model,
     load_tokenizer,
     local_base_path,
+    model_source,
     pick_dtype,
 )
 from em_core.paths import PROJECT_ROOT
@@ -184,19 +185,40 @@ def clean_local_outputs(output_dir: Path, uploaded: list[int], scheduled: list[i
     return True
 
 
-def _to_trl_rows(rows: list[dict], tokenizer) -> tuple[list[dict], bool]:
-    """Conversational rows for SFTTrainer, and whether assistant_only_loss can be used.
-
-    Templates without `{% generation %}` markers (most hub models) cannot give an assistant
-    mask, so rows become prompt/completion pairs: TRL then trains on the final assistant turn
-    only (completion-only loss), which is the same thing for the papers' single-turn data.
+def _to_trl_rows(rows: list[dict], tokenizer, cfg: TrainConfig, what: str) -> tuple[list[dict], str]:
+    """Rows for SFTTrainer and how their loss is masked: "markers" (TRL's assistant_only_loss on a
+    template with `{% generation %}` markers), "tokenized" (our own assistant labels, for hub
+    templates without markers; see assistant_mask.py) or "full" (assistant_only_loss off).
     """
     from trl.chat_template_utils import has_generation_markers
 
+    if not cfg.assistant_only_loss:
+        return rows, "full"
     if has_generation_markers(tokenizer.chat_template or ""):
-        return rows, True
-    out = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
-    return out, False
+        return rows, "markers"
+    from em_core.train.assistant_mask import tokenized_rows
+
+    try:
+        return tokenized_rows(tokenizer, rows, cfg.max_length, what=what), "tokenized"
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model}: {e}") from None
+
+
+def sft_trainer(cfg: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                output_dir: str, callbacks: list):
+    """TRL's SFTTrainer on our rows, with the loss masked as `_to_trl_rows` decides (the
+    trainer's `train_dataset` holds the exact input_ids/labels it trains on)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows, masking = _to_trl_rows(train_rows, tokenizer, cfg, "training rows")
+    evals, _ = _to_trl_rows(eval_rows, tokenizer, cfg, "eval rows") if eval_rows else ([], masking)
+    return SFTTrainer(
+        model=model, args=sft_config(cfg, output_dir, masking, bool(evals)),
+        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(evals) if evals else None,
+        processing_class=tokenizer, callbacks=callbacks,
+        # A continued adapter is already a trainable PeftModel: no new LoRA layers.
+        peft_config=None if _is_peft(model) else lora_config(cfg))
 
 
 def lora_config(cfg: TrainConfig):
@@ -209,7 +231,7 @@ def lora_config(cfg: TrainConfig):
                       layers_to_transform=cfg.layers_to_transform, task_type="CAUSAL_LM")
 
 
-def sft_config(cfg: TrainConfig, output_dir: str, assistant_only: bool, has_eval: bool):
+def sft_config(cfg: TrainConfig, output_dir: str, masking: str, has_eval: bool):
     import torch
     from trl import SFTConfig
 
@@ -222,8 +244,8 @@ def sft_config(cfg: TrainConfig, output_dir: str, assistant_only: bool, has_eval
         seed=cfg.seed, data_seed=cfg.data_seed, optim=cfg.optim, logging_steps=cfg.logging_steps,
         # SFTConfig defaults to bf16 + activation checkpointing: both slow CPU training.
         bf16=bf16, fp16=False, gradient_checkpointing=cfg.gradient_checkpointing,
-        assistant_only_loss=assistant_only and cfg.assistant_only_loss,
-        completion_only_loss=None if assistant_only else cfg.assistant_only_loss,
+        # "tokenized" rows carry their labels already; TRL must not mask them again.
+        assistant_only_loss=masking == "markers", completion_only_loss=False,
         save_strategy="no", report_to="none", disable_tqdm=bool(os.environ.get("EM_LAB_NO_PROGRESS")),
         eval_strategy="epoch" if has_eval else "no", per_device_eval_batch_size=cfg.per_device_train_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
@@ -341,8 +363,6 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
 
         return train_openai(cfg, set_alias=set_alias)
     import mlflow
-    from datasets import Dataset
-    from trl import SFTTrainer
 
     if cfg.resume_run_id and not cfg.output_dir:
         cfg.output_dir = str(PROJECT_ROOT / "outputs" / cfg.resume_run_id)
@@ -354,10 +374,9 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
     data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
                    tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    train_rows, assistant_only = _to_trl_rows(data.train, tokenizer)
-    eval_rows, _ = _to_trl_rows(data.eval, tokenizer) if data.eval else ([], False)
 
-    tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name}
+    tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
+            "em.model_source": model_source(cfg.model)}
     name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
         "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
     with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
@@ -392,13 +411,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
             metrics_cb = MlflowMetrics(run_id, already_logged=already_logged)
             uploads = LogCheckpoints(run_id, adapter_only=cfg.checkpoint_upload == "adapter")
             callbacks = [schedule, metrics_cb, uploads, *extra_callbacks]
-        trainer = SFTTrainer(
-            model=model, args=sft_config(cfg, output_dir, assistant_only, bool(eval_rows)),
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer, callbacks=callbacks,
-            # A continued adapter is already a trainable PeftModel: no new LoRA layers.
-            peft_config=None if _is_peft(model) else lora_config(cfg))
+        trainer = sft_trainer(cfg, model, tokenizer, data.train, data.eval, output_dir, callbacks)
         quiet_trainer(trainer)
         t0 = time.perf_counter()
         try:

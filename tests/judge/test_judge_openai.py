@@ -182,8 +182,20 @@ def test_openai_backend_honours_env(serve, monkeypatch, tmp_path, judge_key):
 def test_server_without_logprobs_is_judge_error(serve, judge_for):
     server = serve(responder=lambda p: "85")  # a text reply, no logprobs block
     judge = judge_for(server)
-    with pytest.raises(JudgeError, match="mode='text'"):
+    with pytest.raises(JudgeError, match="mode='text'") as e:
+        judge.judge([f"a{i}" for i in range(40)], progress=False)
+    assert "does not return logprobs" in str(e.value) and "`mode: text`" in str(e.value)
+    assert server.n_requests < 40  # stops at the first reply, not after judging everything unscored
+
+
+def test_server_rejecting_logprobs_fields_names_text_mode(serve, judge_for):
+    # e.g. servers that answer 400/422 to the logprobs/top_logprobs fields instead of ignoring them
+    server = serve(fail_first=10**6, fail_status=422, error_message="Unexpected fields in the request: {'top_logprobs', 'logprobs'}")
+    judge = judge_for(server)
+    with pytest.raises(JudgeError) as e:
         judge.judge(["a"], progress=False)
+    assert "does not return logprobs" in str(e.value) and "`mode: text`" in str(e.value)
+    assert server.n_requests == 1
 
 
 def test_key_never_in_repr_stats_or_cache(serve, judge_for, tmp_path, judge_key):
