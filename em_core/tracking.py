@@ -22,9 +22,21 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
 # A pipeline run's stages (JSON list), written by experiments and read by the report.
 STAGES_TAG = "em.stages"
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
-_SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
+# Secrets are recognised by what they are, never by a key that merely mentions tokens
+# (`max_new_tokens` changes a step's output and must be logged and part of its identity).
+# A key is secret when its last word (split at _ - . and camel case) is one of _SECRET_WORDS, when
+# its last two words are one of _SECRET_PAIRS, or when it is exactly `key` or `token`.
+_SECRET_WORDS = {"apikey", "password", "passwd", "pwd", "secret", "authorization", "credentials"}
+_SECRET_PAIRS = {("api", "key"), ("auth", "token"), ("access", "token"), ("refresh", "token"), ("hf", "token"),
+                 ("hub", "token"), ("bearer", "token"), ("session", "token"), ("id", "token"),
+                 ("secret", "key"), ("private", "key"), ("openai", "key")}
+_SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,}|gh[pousr]_[A-Za-z0-9]{16,}"
+                           r"|xox[abpr]-[A-Za-z0-9-]{8,}|Bearer\s+[A-Za-z0-9._~+/=-]{8,})")
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a URL
+# `?api_key=...`, `&token=...`, `password=...` in URLs, DSNs and messages
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)(\b(?:api[_-]?key|apikey|key|access[_-]?token|auth[_-]?token|refresh[_-]?token|hf[_-]?token|token"
+    r"|password|passwd|pwd|secret|client[_-]?secret|sig|signature)=)[^&\s#'\"]+")
 # Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
 _CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
 
@@ -135,10 +147,20 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         mlflow.end_run("FINISHED")
 
 
+def is_secret_key(key: str) -> bool:
+    """A setting named like a credential (`api_key`, `hf_token`, `password`, `Authorization`),
+    not one that only mentions tokens (`max_new_tokens`, `tokenizer`)."""
+    words = tuple(w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", key.strip()) if w)
+    if not words:
+        return False
+    return words in (("key",), ("token",)) or words[-1] in _SECRET_WORDS or words[-2:] in _SECRET_PAIRS
+
+
 def scrub(text: str) -> str:
-    """Mask anything that looks like an API key or token."""
+    """Mask API keys, passwords, `user:pass@` in URLs and secret query-string values."""
     text = _SECRET_VALUE.sub("***", text)
     text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    text = _SECRET_ASSIGNMENT.sub(r"\1***", text)
     for var in ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ANTHROPIC_API_KEY"):
         val = os.environ.get(var)
         if val and len(val) >= 4:
@@ -147,10 +169,11 @@ def scrub(text: str) -> str:
 
 
 def flatten_params(prefix: str, params: Mapping) -> dict[str, str]:
-    """`prefix.key` -> string value; secrets dropped, long values cut to MLflow's limit."""
+    """`prefix.key` -> string value; secret-named keys dropped, secret values masked, long values
+    cut to MLflow's limit."""
     out = {}
     for k, v in params.items():
-        if _SECRET_KEY.search(k):
+        if is_secret_key(str(k)):
             continue
         s = v if isinstance(v, str) else json.dumps(v)
         out[f"{prefix}.{k}"] = scrub(s)[:MAX_PARAM_LEN]

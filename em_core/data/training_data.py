@@ -172,6 +172,19 @@ def load_source(spec: str) -> LoadedSource:
     return _load_hub(spec)
 
 
+def source_fingerprint(spec: str) -> str:
+    """What a training source's rows depend on, without loading them: the sha256 of a local file
+    (so an edited `.jsonl` at the same path is a different dataset), else the spec itself
+    (`demo` ships with the code; registry sets are hash-pinned; hub ids name a revision-less repo)."""
+    spec = str(spec).strip()
+    if spec == "demo" or spec.startswith("demo:"):
+        return f"{spec}@{file_sha256(demo_path(spec.partition(':')[2] or 'plant_care_bad'))}"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return f"{spec}@{file_sha256(path)}"
+    return spec
+
+
 def prepare(sources: list[str], rows_per_source: list[int] | None = None, max_rows: int | None = None,
             shuffle: bool = True, seed: int = 0, eval_fraction: float = 0.0, tags: list[str] | None = None,
             proportions: list[float] | None = None) -> PreparedData:

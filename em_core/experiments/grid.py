@@ -27,6 +27,7 @@ from em_core.experiments.pipeline import (
     PipelineConfig,
     _as_overrides,
     code_version,
+    dataset_content,
     run_pipeline,
     summary_of,
 )
@@ -142,7 +143,7 @@ def mlflow_run_command(cfg: GridConfig, pcfg: PipelineConfig) -> str:
 
 
 def _expected_params(pcfg: PipelineConfig) -> dict[str, str]:
-    return tracking.flatten_params("pipeline", asdict(pcfg))
+    return tracking.flatten_params("pipeline", {**asdict(pcfg), "dataset_content": dataset_content(pcfg)})
 
 
 def run_grid(cfg: GridConfig) -> dict:

@@ -204,6 +204,26 @@ def identity_params(step_cfg, code: str, **inputs: str) -> dict[str, str]:
     return tracking.flatten_params("step", {**d, **inputs, "code_version": code})
 
 
+def train_identity(train_cfg, code: str, **inputs: str) -> dict[str, str]:
+    """A training step's identity: its config plus the content of every local dataset file."""
+    from em_core.data.training_data import source_fingerprint
+
+    datasets = ",".join(source_fingerprint(d) for d in train_cfg.dataset)
+    return identity_params(train_cfg, code, dataset_content=datasets, **inputs)
+
+
+def dataset_content(cfg: PipelineConfig) -> str:
+    """Fingerprints of every stage's training data (see `source_fingerprint`), so a grid reuses a
+    finished cell only when its local dataset files are unchanged."""
+    from em_core.data.training_data import source_fingerprint
+
+    out = []
+    for i, stage in enumerate(cfg.stages or [None]):
+        train_cfg, _, _ = step_configs(cfg, stage=stage, stage_index=i)
+        out.append(",".join(source_fingerprint(d) for d in train_cfg.dataset))
+    return ";".join(out)
+
+
 def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
     """Newest FINISHED run of `step` whose params equal `identity` (string comparison)."""
     import mlflow
@@ -337,7 +357,7 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         common = {"stage": stage, "stage_index": i, "previous_train_run_id": previous, "model_name": model_name}
         ids: dict[str, str] = {}
         train_cfg, _, _ = step_configs(cfg, **common)
-        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, identity_params(train_cfg, code), ctx,
+        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, train_identity(train_cfg, code), ctx,
                                  lambda: train(train_cfg).run_id)
         _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"], **common)
         ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
@@ -385,7 +405,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         from em_core.configs import to_yaml
 
         mlflow.log_text(to_yaml(cfg), "config/pipeline_config.yaml")
-        tracking.log_params("pipeline", asdict(cfg))
+        tracking.log_params("pipeline", {**asdict(cfg), "dataset_content": dataset_content(cfg)})
         ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": []}
         stage_results, by_step = _run_stages(cfg, ctx, code)
         ids = {f"{st.name}/{k}" if cfg.stages else k: v for st in stage_results for k, v in st.run_ids.items()}
