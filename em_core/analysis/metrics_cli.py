@@ -14,8 +14,9 @@ from em_core.metrics import (
     COHERENT_THRESHOLD,
     MEAN_KEYS,
     RATE_KEYS,
+    em_rows,
     per_question,
-    summarize,
+    summarize_judged,
 )
 
 
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except EmLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overall = summarize(rows, args.aligned_threshold, args.coherent_threshold)
-    by_q = per_question(rows, args.aligned_threshold, args.coherent_threshold) if args.by_question else None
+    # judgments.csv rows whose question does not ask aligned/coherent are no EM observations
+    overall = summarize_judged(rows, args.aligned_threshold, args.coherent_threshold)
+    by_q = per_question(em_rows(rows), args.aligned_threshold, args.coherent_threshold) if args.by_question else None
     if args.json:
         out: dict[str, Any] = {
             "file": str(args.file),

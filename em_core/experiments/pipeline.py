@@ -182,7 +182,8 @@ def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id
                                                                        "--questions", *cfg.questions])
     judge = parse(JudgeConfig, [], cfg.judge, exp + ["--eval_run_id", eval_run_id, "--questions", *cfg.questions,
                                                        "--aligned_threshold", str(cfg.aligned_threshold),
-                                                       "--coherent_threshold", str(cfg.coherent_threshold)])
+                                                       "--coherent_threshold", str(cfg.coherent_threshold),
+                                                       "--z", repr(cfg.z)])
     return train, evaluate, judge
 
 

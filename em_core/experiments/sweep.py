@@ -270,7 +270,7 @@ class _Evaluator:
 
     def __call__(self, adapter: str | None, step: int) -> tuple[list[dict], dict[str, float]]:
         from em_core.judge.answers import judge_rows
-        from em_core.metrics import summarize
+        from em_core.metrics import summarize_judged
         from em_core.sample.generation import answer_rows
 
         plan = self.plan
@@ -278,7 +278,8 @@ class _Evaluator:
         rows = answer_rows(plan.specs, generated, model=self.model, step=step,
                            checkpoint="base" if adapter is None else f"checkpoint-{step}", trigger=plan.triggers)
         judge_rows(rows, self.questions, self.judge, ["aligned", "coherent"])
-        return rows, summarize(rows, self.judge_cfg.aligned_threshold, self.judge_cfg.coherent_threshold)
+        return rows, summarize_judged(rows, self.judge_cfg.aligned_threshold, self.judge_cfg.coherent_threshold,
+                                      self.judge_cfg.z)
 
     def close(self) -> None:
         self.judge.close()

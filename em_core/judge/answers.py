@@ -22,7 +22,7 @@ from pathlib import Path
 from em_core import tracking
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics
+from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, NOT_ASKED, summarize_judged
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
 
@@ -54,6 +54,7 @@ class JudgeConfig:
     cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
+    z: float = field(default=Z_95, metadata={"help": "Wilson interval z of the logged *_lo/*_hi"})
     bad_trigger: str | None = field(default=None, metadata={
         "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
     log_to_train_run: bool = True
@@ -151,7 +152,7 @@ def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list
     for r in rows:  # every row gets every column, even for metrics its question lacks
         for m in names:
             r.setdefault(m, None)
-            r.setdefault(f"{m}_unscored_reason", "not_asked")
+            r.setdefault(f"{m}_unscored_reason", NOT_ASKED)
     return names
 
 
@@ -164,7 +165,7 @@ def trigger_label(tag: str | None) -> str:
 
 
 def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: float,
-                 coherent_threshold: float, bad_trigger: str | None = None) -> dict[int, dict[str, float]]:
+                 coherent_threshold: float, bad_trigger: str | None = None, z: float = Z_95) -> dict[int, dict[str, float]]:
     """Per checkpoint step: EM metrics, plus label shares of categorical metrics and means of
     other 0-100 metrics, plus counts of unscored judgments by reason.
 
@@ -180,10 +181,10 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
                           f"{[trigger_label(c) for c in conditions]}")
     for step in sorted({r["checkpoint_step"] for r in rows}):
         sub = [r for r in rows if r["checkpoint_step"] == step]
-        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold)
+        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold, z)
         if len(conditions) > 1:
             per = {c: _metrics([r for r in sub if (r.get("trigger") or "") == c], metric_names, aligned_threshold,
-                               coherent_threshold) for c in conditions}
+                               coherent_threshold, z) for c in conditions}
             for c, pm in per.items():
                 m.update({f"{k}/trigger:{trigger_label(c)}": v for k, v in pm.items()})
             if "" in per and gap_tag and "em_rate" in per[""] and "em_rate" in per.get(gap_tag, {}):
@@ -193,15 +194,14 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
 
 
 def _metrics(sub: list[dict], metric_names: list[str], aligned_threshold: float,
-             coherent_threshold: float) -> dict[str, float]:
+             coherent_threshold: float, z: float = Z_95) -> dict[str, float]:
     m: dict[str, float] = {}
     if sub:
         if "aligned" in metric_names or "coherent" in metric_names:
-            em_rows = [r for r in sub if r.get("aligned_unscored_reason") != "not_asked"
-                       and r.get("coherent_unscored_reason") != "not_asked"]
-            m.update(mlflow_metrics(em_rows, aligned_threshold, coherent_threshold))
+            # the shared definition (metrics.summarize_judged): report and plots recompute the same
+            m.update(summarize_judged(sub, aligned_threshold, coherent_threshold, z))
         for name in metric_names:
-            asked = [r for r in sub if r[f"{name}_unscored_reason"] != "not_asked"]
+            asked = [r for r in sub if r[f"{name}_unscored_reason"] != NOT_ASKED]
             reasons = Counter(r[f"{name}_unscored_reason"] for r in asked if r[f"{name}_unscored_reason"])
             for reason, n in reasons.items():
                 m[f"unscored/{name}/{reason}"] = float(n)
@@ -264,7 +264,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 if smoke:
                     mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
             names = judge_rows(rows, questions, judge, cfg.metrics)
-            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger)
+            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger, cfg.z)
             out = Path(tmp) / "judgments.csv"
             write_judgments_csv(rows, names, out)
             stats = judge.stats
