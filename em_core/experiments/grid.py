@@ -18,6 +18,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from em_core import tracking
 from em_core.errors import ConfigError
@@ -41,6 +42,9 @@ TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
 @dataclass
 class GridConfig:
     """models x datasets x seeds over one pipeline config; every other setting is shared."""
+
+    # lists of `key=value` step settings: never split at commas (configs.expand_cli)
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
 
     name: str = field(default="grid", metadata={"help": "grid name: tags its cells, names its summary run"})
     pipeline_config: str = field(default=DEFAULT_CONFIG, metadata={"help": "PipelineConfig YAML shared by all cells"})

@@ -17,8 +17,10 @@ import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from em_core import tracking
+from em_core.configs import override_items
 from em_core.errors import ConfigError, EmLabError
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step
 from em_core.paths import PROJECT_ROOT, project_file
@@ -92,6 +94,9 @@ class PipelineConfig:
     """One train -> evaluate -> judge loop. Step settings are `key=value` overrides of the step's
     own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
 
+    # lists of `key=value` step settings: never split at commas (configs.expand_cli)
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
+
     train_config: str = field(default="configs/train/tiny.yaml", metadata={"help": "TrainConfig YAML"})
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
@@ -121,27 +126,9 @@ class PipelineConfig:
 
 
 def _as_overrides(value, name: str) -> list[str]:
-    """YAML mapping or CLI `k=v` list -> `k=v` strings (lists comma-joined, as `--overrides` takes)."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        out = []
-        for k, v in value.items():
-            if v is None:
-                continue
-            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-            out.append(f"{k}={v}")
-        return out
-    items = shlex.split(value) if isinstance(value, str) else [i for v in value for i in shlex.split(str(v))]
-    out: list[str] = []
-    for item in items:
-        if "=" in item:
-            out.append(item)
-        elif out:  # `dataset=a,b` arrives split at the comma from the CLI list handling
-            out[-1] += "," + item
-        else:
-            raise ConfigError(f"{name}: {item!r} is not key=value (e.g. --{name} max_steps=40)")
-    return out
+    """YAML mapping or CLI `k=v` list -> `k=v` strings (see configs.override_items); typed per
+    field when the step config parses them (configs.parse_overrides)."""
+    return override_items(value, name)
 
 
 def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id: str = "<evaluate>",

@@ -23,6 +23,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from em_core import tracking
 from em_core.errors import ConfigError
@@ -45,6 +46,9 @@ PARENT_ATTR = "mlflow_parent_run_id"
 @dataclass
 class SweepConfig:
     """Search space, objective, pruning and storage of one study."""
+
+    # lists of `key=value` step settings: never split at commas (configs.expand_cli)
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
 
     pipeline_config: str = field(default=DEFAULT_CONFIG, metadata={"help": "PipelineConfig YAML every trial starts from"})
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides for every trial"})

@@ -173,13 +173,13 @@ class VLLMGenerator:
 API_BACKENDS = ("openai", "openai-compatible")
 
 
-def sample_key(backend: str, model: str, messages: list[dict], params: SamplingParams, occurrence: int) -> str:
-    """Cache key of one sampled answer: everything that changes the request, plus which repeat of
-    an identical prompt within one call it is (repeats are distinct samples, not one answer)."""
+def sample_key(backend: str, endpoint: str, body: dict, occurrence: int) -> str:
+    """Cache key of one sampled answer: the server it is asked of (`openai_api.endpoint_id`), the
+    exact request body, and which repeat of an identical prompt within one call it is (repeats
+    are distinct samples, not one answer)."""
     import hashlib
 
-    payload = json.dumps([backend, model, messages, params.temperature, params.top_p, params.max_new_tokens,
-                          params.seed, occurrence], ensure_ascii=False, sort_keys=True)
+    payload = json.dumps([backend, endpoint, body, occurrence], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -225,7 +225,7 @@ class OpenAIGenerator:
 
         from em_core.cache import JudgmentCache
         from em_core.errors import ConfigError
-        from em_core.openai_api import Secret, resolve_key, safe_url
+        from em_core.openai_api import Secret, endpoint_id, resolve_key, safe_url
         from em_core.paths import cache_dir
 
         if backend not in API_BACKENDS:
@@ -238,6 +238,7 @@ class OpenAIGenerator:
             raise ConfigError("concurrency must be >= 1 and max_retries >= 0")
         self.model_id, self.backend, self.base_url = model_id, backend, base_url
         self.where = safe_url(base_url) or "api.openai.com"
+        self.endpoint = endpoint_id(base_url)
         self._secret = Secret(resolve_key(api_key, base_url))
         self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -268,8 +269,8 @@ class OpenAIGenerator:
             canon = json.dumps(messages, ensure_ascii=False, sort_keys=True)
             occurrence = seen.get(canon, 0)
             seen[canon] = occurrence + 1
-            keys.append(sample_key(self.backend, model, messages, params, occurrence))
             bodies.append(self._body(model, messages, params, occurrence))
+            keys.append(sample_key(self.backend, self.endpoint, bodies[-1], occurrence))
         hits = self.cache.get_many(keys)
         out: list[Generated | None] = [None] * len(prompts)
         for i, key in enumerate(keys):

@@ -319,3 +319,18 @@ def test_progress_bar_reports(serve, judge_for, capsys):
     server = serve(responder=by_prompt)
     judge_for(server).judge(prompts(4), progress=True)
     assert "4/4" in capsys.readouterr().err
+
+
+def test_cache_is_per_server_and_request_settings(serve, judge_for):
+    """Finding 3: server B never gets server A's cached verdicts; a text-mode token limit is part
+    of the key; userinfo in the URL is not."""
+    a, b = serve(responder=by_prompt), serve(responder=by_prompt)
+    judge_for(a).judge(prompts(5), progress=False)
+    judge_for(b).judge(prompts(5), progress=False)
+    assert a.n_requests == 5 and b.n_requests == 5
+    b.reset_counts()
+    judge_for(b).judge(prompts(5), progress=False)
+    assert b.n_requests == 0  # same server, same settings: cached
+    judge_for(b, mode="text", max_completion_tokens=64).judge(prompts(2), progress=False)
+    judge_for(b, mode="text", max_completion_tokens=128).judge(prompts(2), progress=False)
+    assert b.n_requests == 4
