@@ -159,8 +159,9 @@ class VLLMGenerator:
         from vllm import SamplingParams as VSP
         from vllm.lora.request import LoRARequest
 
-        sp = VSP(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                 seed=params.seed)
+        # vLLM seeds each request: one shared seed would make every repeat of a prompt the same answer
+        sp = [VSP(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens, seed=s)
+              for s in sample_seeds(prompts, params.seed)]
         lora = None
         if adapter:
             idx = self._ids.setdefault(adapter, len(self._ids) + 1)
@@ -184,13 +185,31 @@ def sample_key(backend: str, endpoint: str, body: dict, occurrence: int) -> str:
 
 
 def _request_seed(seed: int, occurrence: int) -> int:
-    # The API's seed makes sampling (mostly) deterministic: repeats of a prompt need their own seed
-    # or they would come back as copies of one answer.
+    # A seeded request is (mostly) deterministic: repeats of a prompt need their own seed or they
+    # would come back as copies of one answer.
     if occurrence == 0:
         return seed
     import hashlib
 
     return int(hashlib.sha256(f"{seed}:{occurrence}".encode()).hexdigest()[:8], 16) % 2**31
+
+
+def occurrences(prompts: list[list[dict]]) -> list[int]:
+    """For each prompt, how many identical prompts came before it in the list."""
+    seen: dict[str, int] = {}
+    out = []
+    for messages in prompts:
+        canon = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        out.append(seen.get(canon, 0))
+        seen[canon] = out[-1] + 1
+    return out
+
+
+def sample_seeds(prompts: list[list[dict]], seed: int) -> list[int]:
+    """Per-request seeds for servers that seed each request (OpenAI, vLLM): the k-th repeat of a
+    prompt gets its own seed derived from (seed, k), so `samples_per_paraphrase` copies are
+    independent samples, and a rerun asks for the same ones."""
+    return [_request_seed(seed, k) for k in occurrences(prompts)]
 
 
 def _chat_record(resp) -> dict:
@@ -263,12 +282,8 @@ class OpenAIGenerator:
         from tqdm.auto import tqdm
 
         model = adapter or self.model_id
-        seen: dict[str, int] = {}
         keys, bodies = [], []
-        for messages in prompts:
-            canon = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-            occurrence = seen.get(canon, 0)
-            seen[canon] = occurrence + 1
+        for messages, occurrence in zip(prompts, occurrences(prompts)):
             bodies.append(self._body(model, messages, params, occurrence))
             keys.append(sample_key(self.backend, self.endpoint, bodies[-1], occurrence))
         hits = self.cache.get_many(keys)
