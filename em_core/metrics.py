@@ -262,3 +262,16 @@ def emergence_step(counts_by_step: Mapping[int, tuple[int, int]], z: float = Z_9
         if n > 0 and wilson_interval(k, n, z)[0] > base_hi:
             return step
     return None
+
+
+def censored_median(steps: Iterable[int | float | None]) -> float | None:
+    """Median emergence step over runs (e.g. seeds), where None = never emerged within the run
+    (right-censored: its step is somewhere after the last checkpoint). The censored runs sort
+    last; the median is defined only when it falls on runs that emerged, else None ("not
+    reached by half the runs"). Averaging only the runs that emerged would bias it early."""
+    xs = sorted(math.inf if s is None else float(s) for s in steps)
+    n = len(xs)
+    if n == 0:
+        return None
+    mid = xs[(n - 1) // 2: n // 2 + 1]  # one middle value (odd n) or two (even n)
+    return None if math.isinf(mid[-1]) else math.fsum(mid) / len(mid)
