@@ -2,9 +2,11 @@
 
 Input is an evaluate run (its `answers.jsonl`) or any CSV/JSONL with `question_id`,
 `question`, `answer` (optionally `checkpoint_step`; absent means 0). Judge prompts come from
-the question YAML. Metrics are logged at step = checkpoint step onto the judge run and, when
-the answers came from a training run's checkpoints, onto that training run too, so the MLflow
-UI charts EM rate against training step where the user compares runs.
+the question YAML. Metrics are logged at step = checkpoint step onto the judge run (plain names:
+`em_rate`, ...). When the answers came from a training run's checkpoints they are also logged
+onto that training run, namespaced by judge run (`judge_run/<judge run id>/em_rate`), because a
+training run is judged by many judges and thresholds: plain names there would interleave them
+at the same steps. Compare judge runs (or pipeline runs, which copy their judge's metrics).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ class JudgeConfig:
     z: float = field(default=Z_95, metadata={"help": "Wilson interval z of the logged *_lo/*_hi"})
     bad_trigger: str | None = field(default=None, metadata={
         "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
-    log_to_train_run: bool = True
+    log_to_train_run: bool = field(default=True, metadata={
+        "help": "also log the metrics onto the training run, as judge_run/<this run id>/<metric>"})
     experiment_name: str = "em-lab"
     run_name: str | None = None
 
@@ -277,7 +280,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
                 mlflow.log_metrics(usage)
                 if train_run_id and cfg.log_to_train_run:
-                    log_metrics_to_run(train_run_id, by_step)
+                    log_metrics_to_run(train_run_id, by_step, prefix=train_run_prefix(run.info.run_id))
                 final = f"runs:/{run.info.run_id}/judgments.csv"
             log.info("judge usage: %s", stats)
             return JudgeResult(run.info.run_id if run else None, final, sorted(by_step), by_step, stats, smoke)
@@ -285,10 +288,15 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
         judge.close()
 
 
-def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]]) -> None:
-    """Add step-indexed metrics to another (usually finished) run, e.g. the training run."""
+def train_run_prefix(judge_run_id: str) -> str:
+    """Where a judge's metrics live on the training run it judged: one namespace per judge run."""
+    return f"judge_run/{judge_run_id}/"
+
+
+def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]], prefix: str = "") -> None:
+    """Add step-indexed metrics (names prefixed with `prefix`) to another, usually finished, run."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in by_step.items()
+    tracking.log_metric_batch(run_id, [Metric(prefix + k, float(v), now, step) for step, m in by_step.items()
                                        for k, v in m.items()])

@@ -155,7 +155,9 @@ def _api_version_targets(cfg: EvalConfig, mv) -> tuple[str, list[Target], dict[s
                           "evaluate it with backend hf or vllm")
     if cfg.backend not in API_BACKENDS:
         raise ConfigError(f"model {cfg.model} is the OpenAI model {model_id}; evaluate it with backend openai")
-    step = int(mv.tags.get("final_step") or 1)
+    from em_core.models.registry import final_step
+
+    step = final_step(cfg.model, mv.tags)
     targets = ([Target(0, "base", None)] if cfg.include_base else []) + [Target(step, cfg.model, model_id)]
     return mv.tags["base_model"], targets, {"em.model_uri": cfg.model, "em.train_run_id": mv.run_id}
 

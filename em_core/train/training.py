@@ -294,6 +294,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = ()) -> TrainResult:
                 info = register_adapter(trainer.model, tokenizer, name=name, alias=cfg.registry_alias,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
+                                              "final_step": str(trainer.state.global_step),
                                               "dataset_sha256": data.sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
     return result
