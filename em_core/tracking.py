@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from em_core.paths import mlruns_dir
 
@@ -39,6 +39,24 @@ _SECRET_ASSIGNMENT = re.compile(
     r"|password|passwd|pwd|secret|client[_-]?secret|sig|signature)=)[^&\s#'\"]+")
 # Set by `child_runs`: the parent run and extra tags for runs started inside a pipeline step.
 _CHILD_OF: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("em_child_of", default=None)
+
+
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+@contextlib.contextmanager
+def missing_as(error: Callable[[], BaseException]) -> Iterator[None]:
+    """Turn MLflow's "no such run / artifact / model version" into `error()` (a clear message for
+    the user); every other failure -- a locked or corrupt store, an auth error, a network error --
+    propagates unchanged with its own cause."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        if e.error_code != NOT_FOUND:
+            raise
+        raise error() from e
 
 
 def is_main_process() -> bool:

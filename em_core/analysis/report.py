@@ -70,9 +70,14 @@ def _text_artifact(run_id: str | None, path: str) -> str:
 
     if not run_id:
         return ""
+    from mlflow.exceptions import MlflowException
+
     try:
         return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
-    except Exception:
+    except MlflowException as e:
+        if e.error_code != tracking.NOT_FOUND:
+            raise
+        log.warning("report: run %s has no %s; the report shows no such config", run_id, path)
         return ""
 
 
@@ -82,10 +87,8 @@ def gather(run_id: str) -> RunData:
 
     tracking.configure_tracking()
     client = mlflow.MlflowClient()
-    try:
+    with tracking.missing_as(lambda: ConfigError(f"run {run_id}: not found in {mlflow.get_tracking_uri()}")):
         run = client.get_run(run_id)
-    except Exception as e:
-        raise ConfigError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} ({type(e).__name__})") from None
     tags = run.data.tags
     ids = {k[3:-7]: v for k, v in tags.items() if k.startswith("em.") and k.endswith("_run_id")}
     judge_id = ids.get("judge") or (run_id if tags.get("em.entry_point") == "judge" else None)

@@ -137,13 +137,15 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def _load_hub(spec: str) -> LoadedSource:
     from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
 
     repo, _, split = spec.partition(":")
     try:
         ds = load_dataset(repo, split=split or "train")
-    except Exception as e:  # datasets raises many types; all mean "could not get it"
+    except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:  # "not there" / offline
         raise DataError(spec, f"not a local file and could not be loaded from the hub ({type(e).__name__}: {e})",
-                        hint="pass a local .jsonl path when offline") from None
+                        hint="pass a local .jsonl path when offline") from e
+    # anything else (an auth error, a broken dataset script, a full disk) surfaces as itself
     rows = [normalise_row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
     if not rows:
         raise DataError(spec, "dataset is empty")

@@ -239,11 +239,10 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
     tracking.configure_tracking()
     train_run_id = None
     if cfg.eval_run_id:
-        try:
+        with tracking.missing_as(lambda: ConfigError(
+                f"eval_run_id {cfg.eval_run_id}: no such run, or it has no answers.jsonl (not an evaluate run?)")):
             eval_run = mlflow.MlflowClient().get_run(cfg.eval_run_id)
             path = mlflow.artifacts.download_artifacts(run_id=cfg.eval_run_id, artifact_path="answers.jsonl")
-        except Exception as e:
-            raise ConfigError(f"eval_run_id {cfg.eval_run_id}: cannot read its answers.jsonl ({type(e).__name__})") from None
         train_run_id = eval_run.data.tags.get("em.train_run_id")
         rows = read_answers(path)
     else:

@@ -168,10 +168,9 @@ def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], 
 
     if cfg.train_run_id:
         client = mlflow.MlflowClient()
-        try:
+        with tracking.missing_as(lambda: ConfigError(
+                f"train_run_id {cfg.train_run_id}: no such run in {mlflow.get_tracking_uri()}")):
             run = client.get_run(cfg.train_run_id)
-        except Exception:
-            raise ConfigError(f"train_run_id {cfg.train_run_id}: no such run in {mlflow.get_tracking_uri()}") from None
         base = run.data.params.get("train.model")
         if not base:
             raise ConfigError(f"train_run_id {cfg.train_run_id}: not a training run (no train.model param)")

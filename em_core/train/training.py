@@ -158,10 +158,8 @@ def resume_config(run_id: str) -> TrainConfig:
     import mlflow
 
     tracking.configure_tracking()
-    try:
+    with tracking.missing_as(lambda: ConfigError(f"resume_run_id {run_id}: no such run, or it has no {CONFIG_ARTIFACT}")):
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT)
-    except Exception as e:
-        raise ConfigError(f"resume_run_id {run_id}: cannot read its {CONFIG_ARTIFACT} ({e})") from None
     cfg = load_config(TrainConfig, path)
     cfg.resume_run_id = run_id
     return cfg
