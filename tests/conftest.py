@@ -27,9 +27,15 @@ def shared_reference() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory) -> Path:
-    """Build the tiny model once per session, from scratch, into a fresh cache (offline)."""
+    """The tiny model, built once per session before any test runs (offline): into
+    EM_LAB_TEST_CACHE when set (kept between sessions, reused when already built), else into a
+    fresh cache. Built here, not lazily inside whichever test first needs it, so no test pays
+    for the build under its own timeout."""
     cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tmp_path_factory.mktemp("em-cache"))
     os.environ["EM_LAB_CACHE"] = str(cache)
+    from em_core.models.tiny import tiny_model_path
+
+    assert (tiny_model_path(build=True) / "config.json").exists()
     return cache
 
 
