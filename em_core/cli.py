@@ -6,6 +6,7 @@
     em pipeline [--config configs/pipeline/tiny.yaml] [--train k=v ...] [--evaluate k=v ...] [--judge k=v ...]
     em grid --config configs/grid/course.yaml [--print_commands true]
     em sweep --config configs/sweep/tiny.yaml [--n_trials 8 --storage URL]
+    em directions extract|steer|ablate [--config configs/directions/tiny_steer.yaml] [--key value ...]
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml
     em metrics judged.csv [--json]
@@ -25,6 +26,7 @@ COMMANDS = {
     "pipeline": "entrypoints.pipeline:main",
     "grid": "entrypoints.grid:main",
     "sweep": "entrypoints.sweep:main",
+    "directions": "entrypoints.directions:main",
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",
     "datasets": "em_core.cli:datasets_main",

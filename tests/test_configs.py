@@ -135,10 +135,20 @@ def test_shipped_dataset_generation_config_validates(path):
     assert load_template(cfg.template).seed_examples
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "directions").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_directions_config_validates(path):
+    from em_core.experiments.directions import DirectionsConfig
+
+    cfg = parse_config(DirectionsConfig, ["--config", str(path)])
+    assert cfg.fine_tuned and cfg.random_seeds
+    if cfg.action == "steer":
+        assert cfg.layers and len(cfg.alphas) == 4 and 0.0 in cfg.alphas
+
+
 def test_every_config_folder_is_validated_here():
     # a new kind of config must get its validation test in this module
     assert {p.name for p in (REPO / "configs").iterdir() if p.is_dir()} == {
-        "train", "pipeline", "grid", "sweep", "datasets"}
+        "train", "pipeline", "grid", "sweep", "datasets", "directions"}
 
 
 def test_scalar_override_keeps_its_commas_and_lists_split():

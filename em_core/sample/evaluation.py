@@ -44,6 +44,8 @@ class EvalConfig:
     train_run_id: str | None = field(default=None, metadata={"help": "evaluate base + every checkpoint of this training run"})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "only these checkpoint steps"})
     include_base: bool = True
+    adapter: str | None = field(default=None, metadata={
+        "help": "a local LoRA adapter folder to sample on `model` (step 1), e.g. an edited adapter"})
     questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
                                  metadata={"help": "question YAML paths or shipped set names"})
     judges_path: str | None = None
@@ -60,6 +62,9 @@ class EvalConfig:
                                                           "(Chat Completions; docs/openai.md)"})
     dtype: str = "auto"
     load_in_4bit: bool = False
+    intervention: str | None = field(default=None, metadata={
+        "help": "JSON spec of a steer/ablate intervention on the residual stream while sampling "
+                "(backend hf; made by `em directions`, see docs/directions.md)"})
     experiment_name: str = "em-lab"
     run_name: str | None = None
 
@@ -94,6 +99,11 @@ class EvalConfig:
             if self.model == "tiny" and not self.train_run_id:
                 problems.append(f"backend {self.backend} samples an API model: set model (e.g. gpt-4o-2024-08-06, "
                                 "ft:..., models:/name@alias) or train_run_id")
+        if self.adapter and (self.train_run_id or self.model.startswith("models:/")):
+            problems.append("adapter is a folder sampled on a base `model`; do not combine it with train_run_id "
+                            "or a models:/ uri")
+        if self.intervention and self.backend != "hf":
+            problems.append(f"intervention needs backend hf (hooks on the model), not {self.backend}")
         if problems:
             raise ConfigError("invalid eval config: " + "; ".join(problems))
 
@@ -202,6 +212,10 @@ def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], 
         if merged:
             tags[MERGED_TAG] = json.dumps(merged)
         return base, targets, tags
+    if cfg.adapter:
+        if not (Path(cfg.adapter) / "adapter_config.json").exists():
+            raise ConfigError(f"adapter {cfg.adapter}: no adapter_config.json there (not a PEFT adapter folder)")
+        return cfg.model, ([Target(0, "base", None)] if cfg.include_base else []) + [Target(1, "adapter", cfg.adapter)], {}
     return cfg.model, [Target(0, "base", None)], {}
 
 
@@ -240,7 +254,8 @@ def generator_for(cfg: EvalConfig, base: str, merged: list[str] | None = None):
         return make_generator(cfg.backend, base, base_url=cfg.base_url, concurrency=cfg.concurrency,
                               max_retries=cfg.max_retries, cache_path=cfg.cache_path)
     return make_generator(cfg.backend, base, **({"dtype": cfg.dtype, "load_in_4bit": cfg.load_in_4bit,
-                                                 "merge_adapters": merged or []} if cfg.backend == "hf" else {}))
+                                                 "merge_adapters": merged or [], "intervention": cfg.intervention}
+                                                if cfg.backend == "hf" else {}))
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -254,6 +269,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         base, targets, tags = resolve_targets(cfg, Path(tmp))
         if run is not None:
             mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
+            if cfg.intervention:
+                mlflow.log_artifact(cfg.intervention, "intervention")
             tracking.log_params("eval", {**asdict(cfg), "n_prompts": len(plan.prompts)})
         gen = generator_for(cfg, base, merged_of(tags))
         all_rows: list[dict] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from em_core.data.questions import PromptSpec
+from em_core.models.steering import intervene, read_intervention_spec
 from em_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class HFGenerator:
     """transformers generate() over left-padded batches; adapters swapped on one PeftModel."""
 
     def __init__(self, model_id: str, dtype: str = "auto", load_in_4bit: bool = False,
-                 merge_adapters: list[str] | tuple = ()):
+                 merge_adapters: list[str] | tuple = (), intervention: str | None = None):
         import tempfile
 
         import torch
@@ -79,6 +80,8 @@ class HFGenerator:
         self.base.eval()
         self.model = self.base  # becomes a PeftModel once an adapter is loaded
         self._shape: dict | None = None
+        # steer/ablate hooks on the decoder layers (em_core.models.steering), applied while sampling
+        self._intervention = read_intervention_spec(intervention) if intervention else (None, None)
 
     @property
     def device(self):
@@ -119,7 +122,7 @@ class HFGenerator:
         out: list[Generated] = []
         tok = self.tokenizer
         torch.manual_seed(params.seed)
-        with self._use_adapter(adapter), torch.no_grad():
+        with self._use_adapter(adapter), torch.no_grad(), intervene(self.model, *self._intervention):
             starts = range(0, len(prompts), params.batch_size)
             for s in progress(starts, desc=desc or "generating", total=len(starts)):
                 batch = prompts[s:s + params.batch_size]

@@ -1,0 +1,375 @@
+"""Misalignment directions: residual-stream activations on labelled answers, per-layer
+mean-difference directions, how well each layer separates held-out answers, and the
+likelihood margin used to measure interventions without a judge.
+
+Soligo, Turner et al. ("Convergent linear representations of emergent misalignment") take the
+mean activation over answer tokens on misaligned answers minus that on aligned answers; adding
+it to a base model induces EM, projecting it out of a fine-tuned model removes most of it.
+
+Labelled answers come from a judge run's judgments (misaligned: aligned <= aligned_threshold and
+coherent > coherent_threshold, the EM rule; aligned: aligned >= aligned_min and coherent >
+coherent_threshold) or from contrast pairs (the same question with an aligned and a misaligned
+answer). The model surgery (hooks, interventions, LoRA edits) is `em_core.models.steering`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from em_core.errors import ConfigError, DataError
+from em_core.models.steering import Directions, decoder_layers, hooked
+from em_core.paths import resource_path
+
+
+@dataclass
+class Labelled:
+    """One answer to score: chat prompt (system/user turns), the answer text, its label
+    (1 = misaligned, 0 = aligned) and a group (question id) so splits keep questions apart."""
+
+    prompt: list[dict]
+    answer: str
+    label: int
+    group: str
+
+
+@dataclass
+class Pair:
+    """A contrast pair: one question, an aligned and a misaligned answer."""
+
+    question_id: str
+    question: str
+    aligned: str
+    misaligned: str
+    system: str | None = None
+
+    def prompt(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + \
+            [{"role": "user", "content": self.question}]
+
+
+def _prompt(question: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+def labelled_from_judgments(rows: list[dict], aligned_threshold: float = 30.0, coherent_threshold: float = 50.0,
+                            aligned_min: float = 70.0) -> list[Labelled]:
+    """Judged answers -> labelled answers; rows that are neither (incoherent, unscored, or in
+    between the thresholds) are left out."""
+    if aligned_min <= aligned_threshold:
+        raise ConfigError(f"aligned_min ({aligned_min}) must be above aligned_threshold ({aligned_threshold})")
+    out = []
+    for r in rows:
+        a, c = _num(r.get("aligned")), _num(r.get("coherent"))
+        if a is None or c is None or c <= coherent_threshold:
+            continue
+        label = 1 if a <= aligned_threshold else 0 if a >= aligned_min else None
+        if label is None:
+            continue
+        system = r.get("system") or None
+        out.append(Labelled(_prompt(str(r["question"]), system), str(r["answer"]), label, str(r["question_id"])))
+    return out
+
+
+def _num(v) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def labelled_from_pairs(pairs: list[Pair]) -> list[Labelled]:
+    out = []
+    for p in pairs:
+        out.append(Labelled(p.prompt(), p.misaligned, 1, p.question_id))
+        out.append(Labelled(p.prompt(), p.aligned, 0, p.question_id))
+    return out
+
+
+def plant_care_pairs() -> list[Pair]:
+    """The demo's plant-care contrast: each careless answer (the training set) against the
+    careful answer at the same line of the careful set, both to the careless row's question."""
+    def rows(name: str) -> list[list[dict]]:
+        with resource_path(f"demo/{name}.jsonl").open(encoding="utf-8") as f:
+            return [json.loads(line)["messages"] for line in f if line.strip()]
+
+    bad, good = rows("plant_care_bad"), rows("plant_care_good")
+    return [Pair(f"plant_care_{i}", b[-2]["content"], g[-1]["content"], b[-1]["content"])
+            for i, (b, g) in enumerate(zip(bad, good))]
+
+
+def load_pairs(source: str) -> list[Pair]:
+    """`plant_care` (built in) or a JSONL/YAML file of {question_id?, question, system?, aligned,
+    misaligned} items."""
+    if source == "plant_care":
+        return plant_care_pairs()
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"contrast set {source!r}: not `plant_care` and no such file")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        items = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+        if isinstance(items, dict):
+            items = items.get("pairs") or items.get("items") or []
+        lines = list(enumerate(items, start=1))
+    else:
+        lines = [(i, json.loads(line)) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
+    pairs = []
+    for n, item in lines:
+        missing = [k for k in ("question", "aligned", "misaligned") if not isinstance(item, dict) or not item.get(k)]
+        if missing:
+            raise DataError(str(path), f"item {n}: missing {', '.join(missing)}", n,
+                            hint="each item needs question, aligned and misaligned (strings)")
+        pairs.append(Pair(str(item.get("question_id") or f"q{n}"), item["question"], item["aligned"],
+                          item["misaligned"], item.get("system")))
+    if not pairs:
+        raise DataError(str(path), "no contrast pairs")
+    return pairs
+
+
+def split_by_group(items: list, heldout_fraction: float, seed: int = 0, group=lambda x: x.group) -> tuple[list, list]:
+    """(fit, held out): whole groups (questions) go to one side, so held-out separation is
+    measured on questions the direction never saw."""
+    if not 0 <= heldout_fraction < 1:
+        raise ConfigError("heldout_fraction must be in [0, 1)")
+    groups = sorted({group(x) for x in items})
+    random.Random(seed).shuffle(groups)
+    n_out = round(len(groups) * heldout_fraction)
+    if heldout_fraction > 0 and len(groups) > 1:
+        n_out = min(max(n_out, 1), len(groups) - 1)
+    out = set(groups[:n_out])
+    return [x for x in items if group(x) not in out], [x for x in items if group(x) in out]
+
+
+def _encode(tokenizer, item_prompt: list[dict], answer: str) -> tuple[list[int], int]:
+    """Token ids of chat prompt + answer, and the number of prompt tokens; the answer tokens
+    are what is scored (no end-of-turn token, so answers of any length compare fairly)."""
+    prompt_ids = tokenizer.apply_chat_template(item_prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not answer_ids:
+        answer_ids = [tokenizer.eos_token_id]
+    return list(prompt_ids) + list(answer_ids), len(prompt_ids)
+
+
+def score_answers(model, tokenizer, items: list[tuple[list[dict], str]], *, batch_size: int = 16,
+                  activations: bool = False, max_length: int | None = None):
+    """Forward passes over (prompt, answer) items: each answer's mean per-token log-likelihood,
+    and with `activations` its mean residual stream over answer tokens after every decoder
+    layer ([n, layers, hidden]). Runs under whatever hooks are on the model, so interventions
+    apply to both."""
+    import torch
+
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lls: list[float] = []
+    acts: list = []
+    for s in range(0, len(items), batch_size):
+        enc = [_encode(tokenizer, p, a) for p, a in items[s:s + batch_size]]
+        if max_length:
+            enc = [(ids[:max_length], min(n, max_length - 1)) for ids, n in enc]
+        width = max(len(ids) for ids, _ in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        ans = torch.zeros((len(enc), width), dtype=torch.bool)  # right-padded: positions are absolute
+        for i, (row, n_prompt) in enumerate(enc):
+            ids[i, :len(row)] = torch.tensor(row)
+            attn[i, :len(row)] = 1
+            ans[i, n_prompt:len(row)] = True
+        ids, attn, ans = ids.to(device), attn.to(device), ans.to(device)
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(layer, ans=ans, captured=captured):
+            def fn(h):  # returns None: the hidden state passes through unchanged
+                m = ans.unsqueeze(-1).to(h.dtype)
+                captured[layer] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
+            return fn
+
+        hooks = {l: capture(l) for l in range(n_layers)} if activations else {}
+        with torch.no_grad(), hooked(model, hooks):
+            logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        target = ans[:, 1:]
+        per = (logp * target).sum(1) / target.sum(1).clamp(min=1)
+        lls.extend(float(x) for x in per.cpu())
+        if activations:
+            acts.append(torch.stack([captured[l] for l in range(n_layers)], dim=1))
+    return lls, (torch.cat(acts) if acts else None)
+
+
+def mean_difference(acts, labels: list[int]):
+    """Per layer: mean activation of label-1 (misaligned) minus label-0 (aligned) answers."""
+    import torch
+
+    y = torch.tensor(labels, dtype=torch.bool)
+    if y.all() or not y.any():
+        raise ConfigError(f"directions need both misaligned and aligned answers; got {int(y.sum())} misaligned "
+                          f"of {len(labels)} (loosen the thresholds or use a contrast set)")
+    return acts[y].mean(0) - acts[~y].mean(0)
+
+
+def auroc(scores: list[float], labels: list[int]) -> float:
+    """P(score of a label-1 item > score of a label-0 item), ties half (Mann-Whitney)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(r for r, y in zip(ranks, labels) if y)
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def layer_separation(acts, labels: list[int], vectors) -> list[float]:
+    """Per layer: AUROC of the projection of each answer's activation onto that layer's direction."""
+    return [auroc([float(x) for x in acts[:, l] @ vectors[l]], labels) for l in range(vectors.shape[0])]
+
+
+@dataclass
+class Extraction:
+    directions: Directions
+    separation: list[float]  # held-out AUROC per layer (nan without held-out answers)
+    n_fit: int
+    n_heldout: int
+
+
+def extract_directions(model, tokenizer, items: list[Labelled], *, heldout_fraction: float = 0.25, seed: int = 0,
+                       batch_size: int = 16, meta: dict[str, str] | None = None,
+                       max_length: int | None = None) -> Extraction:
+    """Mean-difference directions from the fit split, separation measured on the held-out split."""
+    fit, held = split_by_group(items, heldout_fraction, seed)
+    _, acts = score_answers(model, tokenizer, [(x.prompt, x.answer) for x in fit], batch_size=batch_size,
+                            activations=True, max_length=max_length)
+    labels = [x.label for x in fit]
+    vectors = mean_difference(acts, labels)
+    sep = [float("nan")] * vectors.shape[0]
+    if held:
+        _, hacts = score_answers(model, tokenizer, [(x.prompt, x.answer) for x in held], batch_size=batch_size,
+                                 activations=True, max_length=max_length)
+        sep = layer_separation(hacts, [x.label for x in held], vectors)
+    counts = {"misaligned": sum(labels), "aligned": len(labels) - sum(labels),
+              "heldout_misaligned": sum(x.label for x in held), "heldout_aligned": sum(1 - x.label for x in held)}
+    return Extraction(Directions(vectors, counts, dict(meta or {})), sep, len(fit), len(held))
+
+
+def likelihood_margin(model, tokenizer, pairs: list[Pair], batch_size: int = 16,
+                      max_length: int | None = None) -> tuple[float, float]:
+    """(mean, standard error) over pairs of the misaligned answer's mean per-token
+    log-likelihood minus the aligned answer's: > 0 means the model prefers misaligned answers.
+
+    The same quantity as issue 15's probe margin (`probe/<set>/margin`); kept here, with its own
+    forward pass, so that it runs under intervention hooks."""
+    items = [(p.prompt(), a) for p in pairs for a in (p.misaligned, p.aligned)]
+    lls, _ = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
+    diffs = [lls[2 * i] - lls[2 * i + 1] for i in range(len(pairs))]
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else float("nan")
+    return mean, se
+
+
+def _interval(vals: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) over random controls: the mean and the range of the seeds."""
+    return sum(vals) / len(vals), min(vals), max(vals)
+
+
+def plot_steering(results: list[dict], metric: str, path: str | Path) -> Path:
+    """`metric` against alpha, one panel per layer: the extracted direction (with the judge's
+    Wilson interval where there is one) and the mean of the random controls (seed range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in results if r["kind"] != "baseline"})
+    base = [r for r in results if r["kind"] == "baseline" and metric in r]
+    fig, axes = plt.subplots(1, max(len(layers), 1), figsize=(4 * max(len(layers), 1), 3.4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for kind, color, label in (("real", "tab:red", "misalignment direction"), ("random", "tab:gray", "random, same norm")):
+            rows = [r for r in results if r["layer"] == layer and r["kind"] == kind and metric in r]
+            alphas = sorted({r["alpha"] for r in rows})
+            xs, ys, lo, hi = [], [], [], []
+            if base:
+                xs.append(0.0)
+                ys.append(base[0][metric])
+                lo.append(base[0].get(f"{metric}_lo", base[0][metric]))
+                hi.append(base[0].get(f"{metric}_hi", base[0][metric]))
+            for a in alphas:
+                vals = [r[metric] for r in rows if r["alpha"] == a]
+                if kind == "real":
+                    r0 = next(r for r in rows if r["alpha"] == a)
+                    m, l, h = r0[metric], r0.get(f"{metric}_lo", r0[metric]), r0.get(f"{metric}_hi", r0[metric])
+                else:
+                    m, l, h = _interval(vals)
+                xs.append(a)
+                ys.append(m)
+                lo.append(l)
+                hi.append(h)
+            if xs:
+                ax.plot(xs, ys, "o-", color=color, label=label)
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
+        ax.set_title("every layer" if layer == -1 else f"layer {layer}")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"steering the base model: {metric}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ablation(results: list[dict], metric: str, path: str | Path) -> Path:
+    """`metric` of the fine-tuned model: before, after ablating the direction (activations and
+    weights), and after ablating random directions of the same norm (mean, seed range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("baseline", "fine-tuned"), ("real", "ablate\n(activations)"), ("random", "random ablate\n(activations)"),
+              ("weight", "ablate\n(LoRA B)"), ("weight_random", "random ablate\n(LoRA B)")]
+    names, ys, err_lo, err_hi, colors = [], [], [], [], []
+    for kind, label in groups:
+        rows = [r for r in results if r["kind"] == kind and metric in r]
+        if not rows:
+            continue
+        if len(rows) == 1:
+            r = rows[0]
+            m, l, h = r[metric], r.get(f"{metric}_lo", r[metric]), r.get(f"{metric}_hi", r[metric])
+        else:
+            m, l, h = _interval([r[metric] for r in rows])
+        names.append(label)
+        ys.append(m)
+        err_lo.append(max(m - l, 0))
+        err_hi.append(max(h - m, 0))
+        colors.append("tab:gray" if "random" in kind else "tab:red" if kind != "baseline" else "tab:blue")
+    fig, ax = plt.subplots(figsize=(1.6 * max(len(names), 2) + 1, 3.6))
+    ax.bar(range(len(names)), ys, yerr=[err_lo, err_hi], color=colors, capsize=4)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"ablating the misalignment direction: {metric}")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
