@@ -116,6 +116,22 @@ def test_merged_stage_loads_from_the_registry_with_its_chain(chain):
         a, b = model(**ids).logits, raw(**ids).logits
     # without the merged stage-1 adapter the model would be a different one
     assert not torch.allclose(a, b)
+    # and it IS base + stage 1 merged + stage 2's adapter, built here step by step
+    from peft import PeftModel
+
+    from em_core.models.adapters import checkpoint_uri, download_adapter
+    from em_core.models.loading import load_model
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        first = download_adapter(checkpoint_uri(chain.stages[0].run_ids["train"], 4), Path(d) / "s1")
+        second = download_adapter(checkpoint_uri(chain.stages[1].run_ids["train"], 4), Path(d) / "s2")
+        merged = PeftModel.from_pretrained(load_model("tiny"), first).merge_and_unload()
+        explicit = PeftModel.from_pretrained(merged, second).eval()
+        with torch.no_grad():
+            c = explicit(**ids).logits
+    assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
 
 
 def test_continue_and_merge_start_from_different_adapters(chain, tmp_path):
