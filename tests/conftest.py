@@ -25,18 +25,29 @@ def shared_reference() -> Path:
     return SHARED_REFERENCE
 
 
-@pytest.fixture(scope="session", autouse=True)
-def tiny_cache(tmp_path_factory) -> Path:
-    """The tiny model, built once per session before any test runs (offline): into
+_CACHE: dict[str, Path] = {}
+
+
+def pytest_sessionstart(session) -> None:
+    """Build the tiny model once per session, before the first test starts (offline): into
     EM_LAB_TEST_CACHE when set (kept between sessions, reused when already built), else into a
-    fresh cache. Built here, not lazily inside whichever test first needs it, so no test pays
-    for the build under its own timeout."""
-    cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tmp_path_factory.mktemp("em-cache"))
+    fresh cache. Built here rather than lazily inside whichever test first needs it -- or in a
+    fixture, whose setup pytest-timeout counts against the first test -- so no test pays for it."""
+    import tempfile
+
+    cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="em-cache-"))
     os.environ["EM_LAB_CACHE"] = str(cache)
     from em_core.models.tiny import tiny_model_path
 
-    assert (tiny_model_path(build=True) / "config.json").exists()
-    return cache
+    _CACHE["path"] = cache
+    _CACHE["model"] = tiny_model_path(build=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache() -> Path:
+    """The session's cache folder, holding the tiny model built at session start."""
+    os.environ["EM_LAB_CACHE"] = str(_CACHE["path"])
+    return _CACHE["path"]
 
 
 @pytest.fixture
