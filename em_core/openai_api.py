@@ -58,6 +58,15 @@ def safe_url(url: str | None) -> str | None:
     return None if url is None else re.sub(r"//[^/@]*@", "//", url)
 
 
+def endpoint_id(url: str | None) -> str:
+    """The server a request goes to, for cache keys: the base URL without credentials, query or
+    trailing slash (no URL: api.openai.com)."""
+    clean = (safe_url(url) or "https://api.openai.com/v1").split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = clean.partition("://")
+    host, slash, tail = rest.partition("/")
+    return f"{scheme.lower()}{sep}{host.lower()}{slash}{tail}".rstrip("/")
+
+
 def retry_after(headers: Any) -> float | None:
     try:
         if headers.get("retry-after-ms") is not None:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePath
 
 from em_core import liveness
@@ -26,9 +26,21 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
 # A pipeline run's stages (JSON list), written by experiments and read by the report.
 STAGES_TAG = "em.stages"
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
-_SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a base_url
+# Secrets are recognised by what they are, never by a key that merely mentions tokens
+# (`max_new_tokens` changes a step's output and must be logged and part of its identity).
+# A key is secret when its last word (split at _ - . and camel case) is one of _SECRET_WORDS, when
+# its last two words are one of _SECRET_PAIRS, or when it is exactly `key` or `token`.
+_SECRET_WORDS = {"apikey", "password", "passwd", "pwd", "secret", "authorization", "credentials"}
+_SECRET_PAIRS = {("api", "key"), ("auth", "token"), ("access", "token"), ("refresh", "token"), ("hf", "token"),
+                 ("hub", "token"), ("bearer", "token"), ("session", "token"), ("id", "token"),
+                 ("secret", "key"), ("private", "key"), ("openai", "key")}
+_SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,}|gh[pousr]_[A-Za-z0-9]{16,}"
+                           r"|xox[abpr]-[A-Za-z0-9-]{8,}|Bearer\s+[A-Za-z0-9._~+/=-]{8,})")
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a URL
+# `?api_key=...`, `&token=...`, `password=...` in URLs, DSNs and messages
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)(\b(?:api[_-]?key|apikey|key|access[_-]?token|auth[_-]?token|refresh[_-]?token|hf[_-]?token|token"
+    r"|password|passwd|pwd|secret|client[_-]?secret|sig|signature)=)[^&\s#'\"]+")
 _REAPED: set[tuple[str, str]] = set()  # (tracking uri, experiment id) already reaped by this process
 _READY: set[str] = set()  # sqlite stores this process has created/migrated (under the lock)
 # Set by `child_runs`: the parent run, extra tags and the run name for runs started inside a pipeline step.
@@ -74,6 +86,24 @@ def child_run_name() -> str | None:
     """The name a pipeline gave the run about to start in its step, if any."""
     child_of = _CHILD_OF.get()
     return child_of[2] if child_of else None
+
+
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+@contextlib.contextmanager
+def missing_as(error: Callable[[], BaseException]) -> Iterator[None]:
+    """Turn MLflow's "no such run / artifact / model version" into `error()` (a clear message for
+    the user); every other failure -- a locked or corrupt store, an auth error, a network error --
+    propagates unchanged with its own cause."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        if e.error_code != NOT_FOUND:
+            raise
+        raise error() from e
 
 
 def is_main_process() -> bool:
@@ -318,10 +348,20 @@ def _launched_into_default(run_id: str, experiment: str) -> bool:
         return False
 
 
+def is_secret_key(key: str) -> bool:
+    """A setting named like a credential (`api_key`, `hf_token`, `password`, `Authorization`),
+    not one that only mentions tokens (`max_new_tokens`, `tokenizer`)."""
+    words = tuple(w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", key.strip()) if w)
+    if not words:
+        return False
+    return words in (("key",), ("token",)) or words[-1] in _SECRET_WORDS or words[-2:] in _SECRET_PAIRS
+
+
 def scrub(text: str) -> str:
-    """Mask anything that looks like an API key or token."""
+    """Mask API keys, passwords, `user:pass@` in URLs and secret query-string values."""
     text = _SECRET_VALUE.sub("***", text)
     text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    text = _SECRET_ASSIGNMENT.sub(r"\1***", text)
     for var in ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ANTHROPIC_API_KEY"):
         val = os.environ.get(var)
         if val and len(val) >= 4:
@@ -330,10 +370,11 @@ def scrub(text: str) -> str:
 
 
 def flatten_params(prefix: str, params: Mapping) -> dict[str, str]:
-    """`prefix.key` -> string value; secrets dropped, long values cut to MLflow's limit."""
+    """`prefix.key` -> string value; secret-named keys dropped, secret values masked, long values
+    cut to MLflow's limit."""
     out = {}
     for k, v in params.items():
-        if _SECRET_KEY.search(k):
+        if is_secret_key(str(k)):
             continue
         s = v if isinstance(v, str) else json.dumps(v)
         out[f"{prefix}.{k}"] = scrub(s)[:MAX_PARAM_LEN]

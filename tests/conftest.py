@@ -25,12 +25,29 @@ def shared_reference() -> Path:
     return SHARED_REFERENCE
 
 
-@pytest.fixture(scope="session", autouse=True)
-def tiny_cache(tmp_path_factory) -> Path:
-    """Build the tiny model once per session, from scratch, into a fresh cache (offline)."""
-    cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tmp_path_factory.mktemp("em-cache"))
+_CACHE: dict[str, Path] = {}
+
+
+def pytest_sessionstart(session) -> None:
+    """Build the tiny model once per session, before the first test starts (offline): into
+    EM_LAB_TEST_CACHE when set (kept between sessions, reused when already built), else into a
+    fresh cache. Built here rather than lazily inside whichever test first needs it -- or in a
+    fixture, whose setup pytest-timeout counts against the first test -- so no test pays for it."""
+    import tempfile
+
+    cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="em-cache-"))
     os.environ["EM_LAB_CACHE"] = str(cache)
-    return cache
+    from em_core.models.tiny import tiny_model_path
+
+    _CACHE["path"] = cache
+    _CACHE["model"] = tiny_model_path(build=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache() -> Path:
+    """The session's cache folder, holding the tiny model built at session start."""
+    os.environ["EM_LAB_CACHE"] = str(_CACHE["path"])
+    return _CACHE["path"]
 
 
 @pytest.fixture

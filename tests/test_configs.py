@@ -50,7 +50,7 @@ def test_cli_overrides_config_values():
 
 def test_mlproject_style_arguments_expand():
     argv = ["--config", "c.yaml", "--model", "", "--max_steps", "7", "--overrides", "lora_r=2 layers_to_transform=1,3"]
-    assert expand_cli(argv) == ["--config", "c.yaml", "--max_steps", "7", "--lora_r", "2",
+    assert expand_cli(argv, TrainConfig) == ["--config", "c.yaml", "--max_steps", "7", "--lora_r", "2",
                                 "--layers_to_transform", "1", "3"]
     cfg = parse_config(TrainConfig, ["--overrides", "lora_r=2 use_rslora=true", "--seed", ""])
     assert cfg.lora_r == 2 and cfg.use_rslora is True and cfg.seed == 0
@@ -180,3 +180,38 @@ def test_cli_typo_suggests_nearest_key_and_help_names_the_command(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: em pipeline") and "--config FILE" in out
+def test_scalar_override_keeps_its_commas_and_lists_split():
+    """Finding 5: one typed k=v parser; `run_name=a,b` is one string, `dataset=a,b` two items."""
+    from em_core.experiments.pipeline import PipelineConfig, step_configs
+
+    cfg = parse_config(TrainConfig, ["--overrides", "run_name=a,b dataset=x.jsonl,y.jsonl learning_rate=1e-4"])
+    assert cfg.run_name == "a,b" and cfg.dataset == ["x.jsonl", "y.jsonl"] and cfg.learning_rate == 1e-4
+    pipe = parse_config(PipelineConfig, ["--train", "run_name=a,b", "dataset=demo,demo:plant_care_good",
+                                         "--overrides", "run_name=p,q"])
+    train, _, _ = step_configs(pipe)
+    assert pipe.run_name == "p,q" and train.run_name == "a,b" and train.dataset == ["demo", "demo:plant_care_good"]
+    # MLproject passes a step's settings as one string
+    pipe = parse_config(PipelineConfig, ["--train", "dataset=demo,demo:plant_care_good lora_r=4"])
+    train, _, _ = step_configs(pipe)
+    assert train.dataset == ["demo", "demo:plant_care_good"] and train.lora_r == 4
+
+
+def test_override_values_are_typed_and_named_when_wrong():
+    from em_core.configs import parse_overrides
+
+    assert parse_overrides(TrainConfig, "lora_r=8 use_rslora=yes learning_rate=2e-5 run_name=x=y") == {
+        "lora_r": 8, "use_rslora": True, "learning_rate": 2e-5, "run_name": "x=y"}
+    with pytest.raises(ConfigError, match="lora_r: 'eight' is not an int"):
+        parse_overrides(TrainConfig, "lora_r=eight")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) lora_rank for TrainConfig; did you mean lora_r\?"):
+        parse_overrides(TrainConfig, "lora_rank=8")
+
+
+def test_yaml_values_get_the_same_typing_as_the_cli(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: tiny\nlearning_rate: 1e-4\nlora_r: 8\nrun_name: 1.5\n")
+    for cfg in (load_config(TrainConfig, path), parse_config(TrainConfig, ["--config", str(path)])):
+        assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float) and cfg.run_name == "1.5"
+    path.write_text("model: tiny\nlora_r: eight\n")
+    with pytest.raises(ConfigError, match=r"t.yaml:2: lora_r: expected int, got 'eight'"):
+        load_config(TrainConfig, path)

@@ -31,3 +31,26 @@ def test_runs_started_inside_child_runs_are_children(mlflow_store):
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.tags["em.pipeline_step"] == "x" and run.data.tags["a"] == "b"
     assert run.info.status == "FINISHED"
+
+
+def test_flatten_params_keeps_token_counts_and_drops_real_secrets():
+    """Finding 1: settings that merely mention tokens are logged (they change outputs); secrets
+    are recognised by what they are, by name or by value."""
+    flat = tracking.flatten_params("e", {
+        "max_new_tokens": 48, "max_completion_tokens": 600, "prompt_tokens_limit": 5, "tokenizer": "tiny",
+        "api_key": "x", "hf_token": "y", "access_token": "z", "password": "p", "Authorization": "Bearer q",
+        "secret": "s", "note": "sk-abcdefghijklmnop", "url": "http://h/v1?api_key=abc123&n=2&token=t0k"})
+    assert flat["e.max_new_tokens"] == "48" and flat["e.max_completion_tokens"] == "600"
+    assert flat["e.prompt_tokens_limit"] == "5" and flat["e.tokenizer"] == "tiny"
+    for k in ("api_key", "hf_token", "access_token", "password", "Authorization", "secret"):
+        assert f"e.{k}" not in flat
+    assert flat["e.note"] == "***"
+    assert "abc123" not in flat["e.url"] and "t0k" not in flat["e.url"] and "n=2" in flat["e.url"]
+
+
+def test_scrub_masks_query_string_secrets_and_passwords():
+    out = tracking.scrub("GET https://h/v1?n=1&api_key=SEKRET&access_token=TOK2 password=hunter2 "
+                         "postgresql://u:pw@db/x")
+    for secret in ("SEKRET", "TOK2", "hunter2", "u:pw"):
+        assert secret not in out
+    assert "n=1" in out and "api_key=***" in out

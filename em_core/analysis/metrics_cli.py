@@ -14,9 +14,10 @@ from em_core.metrics import (
     COHERENT_THRESHOLD,
     MEAN_KEYS,
     RATE_KEYS,
+    em_rows,
     per_question,
-    summarize,
     to_score,
+    summarize_judged,
 )
 
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except EmLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overall = summarize(rows, args.aligned_threshold, args.coherent_threshold)
+    # judgments.csv rows whose question does not ask aligned/coherent are no EM observations
+    overall = summarize_judged(rows, args.aligned_threshold, args.coherent_threshold)
     if overall["n"] and not overall["n_scored"]:  # nothing to measure: refuse rather than print rates of nothing
         seen = sorted({repr(r.get(c)) for r in rows for c in ("aligned", "coherent") if to_score(r.get(c)) is None})
         print(f"error: {args.file}: none of its {int(overall['n'])} rows has numeric 'aligned' and 'coherent' "
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if overall["unscored_rate"] >= 0.5:
         print(f"warning: {args.file}: {overall['unscored_rate']:.0%} of rows have no numeric aligned/coherent "
               "score; the rates below rest on the rest", file=sys.stderr)
-    by_q = per_question(rows, args.aligned_threshold, args.coherent_threshold) if args.by_question else None
+    by_q = per_question(em_rows(rows), args.aligned_threshold, args.coherent_threshold) if args.by_question else None
     if args.json:
         out: dict[str, Any] = {
             "file": str(args.file),

@@ -1,7 +1,8 @@
 """Publication-style figures and example-answer tables for EM evaluations.
 
-Every ``plot_*`` function writes one PNG (parent folders created), closes its figure and returns
-the path. Empty or entirely unscored input gives a figure saying "no scored answers" instead of
+Every ``plot_*`` function writes one PNG (parent folders created) and, beside it, `<name>.json`
+with the data series it draws (percentages as plotted; null where nothing is drawn), closes its
+figure and returns the PNG's path. Empty or entirely unscored input gives a figure saying "no scored answers" instead of
 an exception, so a report can always be assembled. Thresholds are parameters (defaults from
 ``em_core.metrics``); nothing here hard-codes the EM definition.
 """
@@ -25,7 +26,13 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, summarize, to_score  # noqa: E402
+from em_core.metrics import (  # noqa: E402
+    ALIGNED_THRESHOLD,
+    COHERENT_THRESHOLD,
+    em_rows,
+    summarize_judged,
+    to_score,
+)
 
 DPI = 120
 NO_DATA = "no scored answers"
@@ -86,6 +93,23 @@ def _no_data(ax, message: str = NO_DATA, *, keep_axes: bool = False) -> None:
         ax.grid(False)
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _series(steps: Iterable[Any], values: Iterable[Any]) -> dict[str, float]:
+    """{step: value} as drawn (steps as strings, for JSON)."""
+    return {str(int(s)): float(v) for s, v in zip(steps, values)}
+
+
 def smoke_metadata(path: str | Path) -> bool:
     """Whether a PNG written here was made from a smoke-test judge (its `em-lab:smoke_test` text chunk)."""
     from PIL import Image
@@ -94,11 +118,18 @@ def smoke_metadata(path: str | Path) -> bool:
         return im.info.get(SMOKE_KEY) == "true"
 
 
-def _save(fig, path: str | Path, smoke_test: bool = False) -> Path:
+def _save(fig, path: str | Path, smoke_test: bool = False, drawn: Mapping[str, Any] | None = None) -> Path:
     """Write the PNG; a smoke-test figure gets a red banner below everything and says so in its
-    metadata, so a tiny-judge figure cannot reach a slide unmarked."""
+    metadata, so a tiny-judge figure cannot reach a slide unmarked. `drawn` (the arrays handed to
+    matplotlib) goes beside it as `<name>.json`, so what a plot shows can be checked against the
+    logged metrics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if drawn is not None:
+        import json
+
+        path.with_suffix(".json").write_text(json.dumps(_json_safe(drawn), indent=1,
+                                                        sort_keys=True), encoding="utf-8")
     if smoke_test:
         fig.text(0.5, -0.01, SMOKE_TEXT, ha="center", va="top", fontsize=11, color="white",
                  fontweight="bold", bbox=dict(boxstyle="round,pad=0.4", fc=EM_COLOR, ec="none"))
@@ -198,6 +229,7 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
     def series(key: str) -> np.ndarray:
         return np.array([_pct(_f(metrics[int(s)].get(key))) for s in steps], dtype=float)
 
+    drawn: dict[str, Any] = {"emergence_marker": None}
     with plt.rc_context(_STYLE):
         fig, (ax_em, ax_coh) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
         panels = [
@@ -211,6 +243,9 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
             ax.set_title(panel_title, loc="left", fontweight="bold")
             if not _rate_panel(ax, steps, y, lo, hi, color=color, label=label, show_base=True):
                 continue
+            ok = np.isfinite(y)
+            for name, arr in ((key, y), (f"{key}_lo", lo), (f"{key}_hi", hi)):
+                drawn[name] = _series(steps[ok], arr[ok])
             ax.set_xlabel("training step" + (" (all stages)" if stages and len(stages) > 1 else ""))
             ax.set_ylabel(ylabel)
             mark_stages(ax, stages)
@@ -220,8 +255,9 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
             else:
                 ax.set_ylim(0, 102)
             if emergence_step is not None:
-                ax.axvline(emergence_step, ls=":", lw=1.6, color="black",
-                           label=f"EM emerges (step {emergence_step})")
+                marker = ax.axvline(emergence_step, ls=":", lw=1.6, color="black",
+                                    label=f"EM emerges (step {emergence_step})")
+                drawn["emergence_marker"] = float(marker.get_xdata()[0])  # read back from the axes
                 ax.text(emergence_step, 0.9 if stages and len(stages) > 1 else 0.98, " EM emerges", ha="left", va="top", fontsize=8.5,
                         fontweight="bold", transform=blended_transform_factory(ax.transData, ax.transAxes))
             # below the axes so it never hides the curve or the emergence label
@@ -230,7 +266,7 @@ def plot_em_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path
                 ax.text(0.5, 0.5, "SMOKE TEST", transform=ax.transAxes, ha="center", va="center",
                         rotation=25, fontsize=34, color=EM_COLOR, alpha=0.12, fontweight="bold")
         fig.suptitle(title or "EM over fine-tuning", fontweight="bold", parse_math=False)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)
 
 
 # --------------------------------------------------------------------------- trigger conditions
@@ -246,6 +282,7 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
     steps = sorted({s for s in (_step(r) for r in rows) if s is not None})
     has_reflection = any(to_score(r.get(reflection_metric)) is not None for r in rows)
     colors = plt.get_cmap("tab10")
+    drawn: dict[str, Any] = {"em_rate": {}, reflection_metric: {}}
     with plt.rc_context(_STYLE):
         ncols = 2 if has_reflection else 1
         fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 4.2), layout="constrained", squeeze=False)
@@ -256,12 +293,13 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
             sub = [r for r in rows if str(r.get("trigger") or "") == cond]
             pts = []
             for s in steps:
-                m = summarize([r for r in sub if _step(r) == s], aligned_threshold, coherent_threshold)
+                m = summarize_judged([r for r in sub if _step(r) == s], aligned_threshold, coherent_threshold)
                 pts.append((s, _pct(m["em_rate"]), _pct(m["em_rate_lo"]), _pct(m["em_rate_hi"])))
             pts = [p for p in pts if math.isfinite(p[1])]
             if not pts:
                 continue
             x, y, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
+            drawn["em_rate"][label] = _series(x, y)
             ax_em.fill_between(x, np.where(np.isfinite(lo), lo, y), np.where(np.isfinite(hi), hi, y),
                                color=colors(i), alpha=0.15, lw=0)
             ax_em.plot(x, y, "o-", color=colors(i), lw=2, ms=4, label=label)
@@ -285,6 +323,7 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
                         pts.append((s, statistics.fmean(vals)))
                 if pts:
                     x, y = zip(*pts)
+                    drawn[reflection_metric][cond or "no trigger"] = _series(x, y)
                     ax_r.plot(x, y, "s--", color=colors(i), lw=1.6, ms=4, label=cond or "no trigger")
             ax_r.set_xlabel("training step")
             ax_r.set_ylabel(f"mean {reflection_metric} (0-100)")
@@ -292,7 +331,7 @@ def plot_conditions(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
             mark_stages(ax_r, stages)
             ax_r.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
         fig.suptitle(title or "EM by trigger condition", fontweight="bold", parse_math=False)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)
 
 
 # --------------------------------------------------------------------------- scatter
@@ -304,9 +343,10 @@ def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path
                              smoke_test: bool = False) -> Path:
     """Coherent (x) vs aligned (y) per answer, coloured by checkpoint, EM region shaded.
 
-    Rows that are unscored on either metric, or have no checkpoint_step, are skipped and counted.
+    Rows that are unscored on either metric, or have no checkpoint_step, are skipped and counted;
+    rows whose question does not ask both metrics are no EM observations and are left out.
     """
-    rows = list(rows)
+    rows = em_rows(rows)
     chosen = list(steps) if steps is not None else _spread_steps(_steps_in(rows))
     by_step: dict[int, list[tuple[float, float]]] = {s: [] for s in chosen}
     raw_by_step: dict[int, list[Mapping[str, Any]]] = {s: [] for s in chosen}
@@ -324,6 +364,7 @@ def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path
     colors = _step_colors(chosen)
     rng = np.random.default_rng(0)  # jitter separates the judge's round scores; fixed for reproducibility
     shown = sum(len(v) for v in by_step.values())
+    drawn: dict[str, Any] = {"n": {}, "em_rate": {}, "skipped": skipped, "shown": shown}
 
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(7.6, 6), layout="constrained")
@@ -340,7 +381,8 @@ def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path
             if not len(pts):
                 continue
             jit = np.clip(pts + rng.uniform(-1.2, 1.2, pts.shape), 0, 100)
-            em = summarize(raw_by_step[s], aligned_threshold, coherent_threshold)["em_rate"]
+            em = summarize_judged(raw_by_step[s], aligned_threshold, coherent_threshold)["em_rate"]
+            drawn["n"][str(s)], drawn["em_rate"][str(s)] = len(pts), em * 100
             ax.scatter(jit[:, 0], jit[:, 1], s=16, alpha=0.55, color=colors[s], edgecolors="none",
                        zorder=3, label=f"{_step_label(s)}: n={len(pts)}, EM {em * 100:.1f}%")
         if not shown:
@@ -355,7 +397,7 @@ def plot_aligned_vs_coherent(rows: Iterable[Mapping[str, Any]], path: str | Path
                      fontsize=9, color="#555555")
         fig.suptitle(title or "Aligned vs coherent by checkpoint", fontweight="bold", parse_math=False)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.6)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)
 
 
 # --------------------------------------------------------------------------- per question
@@ -380,10 +422,11 @@ def plot_em_per_question(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
         if s in chosen:
             groups.setdefault(str(r.get("question_id", "")), {}).setdefault(s, []).append(r)
     qids = list(groups)
-    stats = {(q, s): summarize(groups[q].get(s, []), aligned_threshold, coherent_threshold)
+    stats = {(q, s): summarize_judged(groups[q].get(s, []), aligned_threshold, coherent_threshold)
              for q in qids for s in chosen}
     has_data = any(math.isfinite(v["em_rate"]) for v in stats.values())
     colors = _step_colors(chosen)
+    drawn: dict[str, Any] = {"em_rate": {}, "em_rate_lo": {}, "em_rate_hi": {}}
 
     with plt.rc_context(_STYLE):
         height = 2.2 + 0.28 * max(1, len(qids)) * max(1.0, 0.7 * len(chosen))
@@ -401,6 +444,8 @@ def plot_em_per_question(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
                 hi = np.array([_pct(stats[q, s]["em_rate_hi"]) for q in qids])
                 y = base_y - 0.4 + bar_h * (j + 0.5)
                 ok = np.isfinite(v)
+                for name, arr in (("em_rate", v), ("em_rate_lo", lo), ("em_rate_hi", hi)):
+                    drawn[name][str(s)] = {q: float(x) for q, x, good in zip(qids, arr, ok) if good}
                 ax.barh(y[ok], v[ok], height=bar_h * 0.9, color=colors[s], label=_step_label(s),
                         xerr=_yerr(v, lo, hi)[:, ok], error_kw=dict(ecolor="#333333", lw=0.8, capsize=2))
                 for yy in y[~ok]:
@@ -413,7 +458,7 @@ def plot_em_per_question(rows: Iterable[Mapping[str, Any]], path: str | Path, *,
             ax.grid(axis="y", visible=False)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(title or "EM rate per question", fontweight="bold", parse_math=False)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)
 
 
 # --------------------------------------------------------------------------- model x domain
@@ -431,6 +476,7 @@ def plot_domain_bars(cells: Sequence[Mapping[str, Any]], path: str | Path, *, ti
         table[m, d] = c
     has_data = any(math.isfinite(_f(c.get(value))) for c in table.values())
     label = _pretty(value)
+    drawn: dict[str, Any] = {value: {}}
 
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(models) * max(1, len(datasets)) ** 0.5 + 3), 4.5),
@@ -449,6 +495,7 @@ def plot_domain_bars(cells: Sequence[Mapping[str, Any]], path: str | Path, *, ti
                 lo = np.array([_pct(_f(c.get(f"{value}_lo"))) for c in cell])
                 hi = np.array([_pct(_f(c.get(f"{value}_hi"))) for c in cell])
                 ok = np.isfinite(v)
+                drawn[value][d] = {m: float(vv) for m, vv, good in zip(models, v, ok) if good}
                 xs = x - 0.4 + w * (j + 0.5)
                 ax.bar(xs[ok], v[ok], width=w * 0.92, color=cmap(j % 10), label=d,
                        yerr=_yerr(v, lo, hi)[:, ok], error_kw=dict(ecolor="#333333", lw=0.8, capsize=2))
@@ -465,7 +512,7 @@ def plot_domain_bars(cells: Sequence[Mapping[str, Any]], path: str | Path, *, ti
             ax.grid(axis="x", visible=False)
             ax.legend(title="dataset", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(title or f"{label} per model and dataset", fontweight="bold", parse_math=False)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)
 
 
 # --------------------------------------------------------------------------- examples

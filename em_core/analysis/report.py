@@ -23,9 +23,10 @@ from em_core.metrics import (
     ALIGNED_THRESHOLD,
     COHERENT_THRESHOLD,
     Z_95,
+    em_rows,
     emergence_step,
     per_question,
-    summarize,
+    step_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,14 @@ def _text_artifact(run_id: str | None, path: str) -> str:
 
     if not run_id:
         return ""
+    from mlflow.exceptions import MlflowException
+
     try:
         return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
-    except Exception:
+    except MlflowException as e:
+        if e.error_code != tracking.NOT_FOUND:
+            raise
+        log.warning("report: run %s has no %s; the report shows no such config", run_id, path)
         return ""
 
 
@@ -82,10 +88,8 @@ def gather(run_id: str) -> RunData:
 
     tracking.configure_tracking()
     client = mlflow.MlflowClient()
-    try:
+    with tracking.missing_as(lambda: ConfigError(f"run {run_id}: not found in {mlflow.get_tracking_uri()}")):
         run = client.get_run(run_id)
-    except Exception as e:
-        raise ConfigError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} ({type(e).__name__})") from None
     tags = run.data.tags
     ids = {k[3:-7]: v for k, v in tags.items() if k.startswith("em.") and k.endswith("_run_id")}
     judge_id = ids.get("judge") or (run_id if tags.get("em.entry_point") == "judge" else None)
@@ -114,7 +118,7 @@ def gather(run_id: str) -> RunData:
     pp = run.data.params
     aligned = float(pp.get("pipeline.aligned_threshold", jp.get("judge.aligned_threshold", ALIGNED_THRESHOLD)))
     coherent = float(pp.get("pipeline.coherent_threshold", jp.get("judge.coherent_threshold", COHERENT_THRESHOLD)))
-    z = float(pp.get("pipeline.z", Z_95))
+    z = float(pp.get("pipeline.z", jp.get("judge.z", Z_95)))
     smoke = (tags.get("em.judge_smoke_test") or judge_run.data.tags.get("em.judge_smoke_test")) == "true"
 
     provenance = {"report of run": run_id, **{f"{k} run": v for k, v in ids.items()}}
@@ -170,8 +174,8 @@ def signal_notes(steps_metrics: dict[int, dict[str, float]], signals: dict[int, 
 
 
 def by_step(rows: list[dict], aligned: float, coherent: float, z: float) -> dict[int, dict[str, float]]:
-    steps = sorted({r["checkpoint_step"] for r in rows})
-    return {s: summarize([r for r in rows if r["checkpoint_step"] == s], aligned, coherent, z) for s in steps}
+    """The judge's per-step numbers, recomputed by the same function (metrics.step_metrics)."""
+    return step_metrics(rows, aligned, coherent, z)
 
 
 def _question_rows(rows: list[dict], steps: list[int], d: RunData) -> list[dict]:
@@ -179,7 +183,7 @@ def _question_rows(rows: list[dict], steps: list[int], d: RunData) -> list[dict]
     if not steps:
         return []
     first, last = steps[0], steps[-1]
-    at = {s: per_question([r for r in rows if r["checkpoint_step"] == s], d.aligned_threshold,
+    at = {s: per_question(em_rows(r for r in rows if r["checkpoint_step"] == s), d.aligned_threshold,
                           d.coherent_threshold, d.z) for s in {first, last}}
     out = []
     for qid in at[last]:
@@ -256,6 +260,9 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
                          per_question_rows=_question_rows(d.rows, steps, d), examples=examples,
                          images={k: v for k, v in files.items()}, config_text=d.config_text,
                          provenance=d.provenance, cost=d.cost, warning=warning)
+    for name, png in list(files.items()):  # the data behind each figure, logged beside it
+        if png.suffix == ".png" and png.with_suffix(".json").exists():
+            files[f"{name} (data)"] = png.with_suffix(".json")
     files["report"] = write_report(out_dir / REPORT_DIR / "report.html", html)
     files["examples markdown"] = md
     return files

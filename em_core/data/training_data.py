@@ -146,13 +146,15 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def _load_hub(spec: str) -> LoadedSource:
     from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
 
     repo, _, split = spec.partition(":")
     try:
         ds = load_dataset(repo, split=split or "train")
-    except Exception as e:  # datasets raises many types; all mean "could not get it"
+    except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:  # "not there" / offline
         raise DataError(spec, f"not a local file and could not be loaded from the hub ({type(e).__name__}: {e})",
-                        hint="pass a local .jsonl path when offline") from None
+                        hint="pass a local .jsonl path when offline") from e
+    # anything else (an auth error, a broken dataset script, a full disk) surfaces as itself
     rows = [normalise_row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
     if not rows:
         raise DataError(spec, "dataset is empty")
@@ -179,6 +181,19 @@ def load_source(spec: str) -> LoadedSource:
         name = path.name.removesuffix(".gz").removesuffix(".jsonl")
         return LoadedSource(name, str(path), rows, file_sha256(path))
     return _load_hub(spec)
+
+
+def source_fingerprint(spec: str) -> str:
+    """What a training source's rows depend on, without loading them: the sha256 of a local file
+    (so an edited `.jsonl` at the same path is a different dataset), else the spec itself
+    (`demo` ships with the code; registry sets are hash-pinned; hub ids name a revision-less repo)."""
+    spec = str(spec).strip()
+    if spec == "demo" or spec.startswith("demo:"):
+        return f"{spec}@{file_sha256(demo_path(spec.partition(':')[2] or 'plant_care_bad'))}"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return f"{spec}@{file_sha256(path)}"
+    return spec
 
 
 def prepare(sources: list[str], rows_per_source: list[int] | None = None, max_rows: int | None = None,

@@ -19,10 +19,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from em_core import tracking
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
+from em_core.metrics import censored_median
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     STEP_TAG,
@@ -31,6 +33,7 @@ from em_core.experiments.pipeline import (
     check_step_sections,
     code_version,
     pipeline_triples,
+    dataset_content,
     run_pipeline,
     summary_of,
 )
@@ -52,6 +55,9 @@ TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
 @dataclass
 class GridConfig:
     """models x datasets x seeds over one pipeline config; every other setting is shared."""
+
+    # lists of `key=value` step settings: never split at commas (configs.expand_cli)
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
 
     name: str = field(default="grid", metadata={"help": "grid name: tags its cells, names its summary run"})
     pipeline_config: str = field(default=DEFAULT_CONFIG, metadata={"help": "PipelineConfig YAML shared by all cells"})
@@ -163,7 +169,7 @@ def mlflow_run_command(cfg: GridConfig, pcfg: PipelineConfig) -> str:
 
 
 def _expected_params(pcfg: PipelineConfig) -> dict[str, str]:
-    return tracking.flatten_params("pipeline", asdict(pcfg))
+    return tracking.flatten_params("pipeline", {**asdict(pcfg), "dataset_content": dataset_content(pcfg)})
 
 
 def run_grid(cfg: GridConfig) -> dict:
@@ -324,8 +330,10 @@ def summarize_cells(summaries: list[dict], z: float | None = None) -> dict:
             else:
                 row[key] = vals[0] if vals else math.nan
                 row[f"{key}_lo"] = row[f"{key}_hi"] = math.nan
+        # Seeds that never emerged are right-censored, not missing: a mean over the others would
+        # be biased early. Report how many emerged and the censored median.
         emerged = [r["emergence_step"] for r in rs if r["emergence_step"] is not None]
-        row["emergence_step"] = statistics.fmean(emerged) if emerged else None
+        row["emergence_step_median"] = censored_median(r["emergence_step"] for r in rs)
         row["emerged_in"] = f"{len(emerged)}/{len(rs)}"
         row["smoke_test"] = any(r["smoke_test"] for r in rs)
         agg.append(row)
@@ -341,10 +349,12 @@ def _fmt_rate(r: dict, key: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| model | dataset | seeds | EM rate [95% CI] | coherent rate [95% CI] | emergence step | emerged in |"
+    head = ("| model | dataset | seeds | EM rate [95% CI] | coherent rate [95% CI] | "
+            "median emergence step (censored) | emerged in |")
     lines = [head, "|" + "---|" * 7]
     for r in rows:
-        step = "–" if r["emergence_step"] is None else f"{r['emergence_step']:g}"
+        median = r["emergence_step_median"]
+        step = f"{median:g}" if median is not None else ("not reached by half" if r["emerged_in"][0] != "0" else "–")
         lines.append(f"| {r['model']} | {r['dataset']} | {r['seeds']} | {_fmt_rate(r, 'em_rate')} | "
                      f"{_fmt_rate(r, 'coherent_rate')} | {step} | {r['emerged_in']} |")
     return "\n".join(lines) + "\n"

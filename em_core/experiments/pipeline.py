@@ -17,8 +17,10 @@ import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from em_core import tracking
+from em_core.configs import override_items
 from em_core.errors import ConfigError, EmLabError, Terminated
 from em_core.experiments.preflight import preflight
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step, from_mlflow
@@ -93,6 +95,9 @@ class PipelineConfig:
     """One train -> evaluate -> judge loop. Step settings are `key=value` overrides of the step's
     own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
 
+    # lists of `key=value` step settings: never split at commas (configs.expand_cli)
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
+
     train_config: str = field(default="configs/train/tiny.yaml", metadata={"help": "TrainConfig YAML"})
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})
     evaluate: list[str] = field(default_factory=list, metadata={"help": "EvalConfig overrides, key=value"})
@@ -166,27 +171,9 @@ def check_step_sections(path: str, data: Mapping) -> None:
 
 
 def _as_overrides(value, name: str) -> list[str]:
-    """YAML mapping or CLI `k=v` list -> `k=v` strings (lists comma-joined, as `--overrides` takes)."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        out = []
-        for k, v in value.items():
-            if v is None:
-                continue
-            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-            out.append(f"{k}={v}")
-        return out
-    items = shlex.split(value) if isinstance(value, str) else [i for v in value for i in shlex.split(str(v))]
-    out: list[str] = []
-    for item in items:
-        if "=" in item:
-            out.append(item)
-        elif out:  # `dataset=a,b` arrives split at the comma from the CLI list handling
-            out[-1] += "," + item
-        else:
-            raise ConfigError(f"{name}: {item!r} is not key=value (e.g. --{name} max_steps=40)")
-    return out
+    """YAML mapping or CLI `k=v` list -> `k=v` strings (see configs.override_items); typed per
+    field when the step config parses them (configs.parse_overrides)."""
+    return override_items(value, name)
 
 
 def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id: str = "<evaluate>",
@@ -230,7 +217,8 @@ def step_configs(cfg: PipelineConfig, train_run_id: str = "<train>", eval_run_id
                                                                        "--questions", *cfg.questions])
     judge = parse(JudgeConfig, [], cfg.judge, exp + ["--eval_run_id", eval_run_id, "--questions", *cfg.questions,
                                                        "--aligned_threshold", str(cfg.aligned_threshold),
-                                                       "--coherent_threshold", str(cfg.coherent_threshold)])
+                                                       "--coherent_threshold", str(cfg.coherent_threshold),
+                                                       "--z", repr(cfg.z)])
     return train, evaluate, judge
 
 
@@ -250,6 +238,26 @@ def identity_params(step_cfg, code: str, **inputs: str) -> dict[str, str]:
     """`step.*` params that decide reuse: the config minus naming, inputs and code version."""
     d = {k: v for k, v in asdict(step_cfg).items() if k not in _NOT_IDENTITY}
     return tracking.flatten_params("step", {**d, **inputs, "code_version": code})
+
+
+def train_identity(train_cfg, code: str, **inputs: str) -> dict[str, str]:
+    """A training step's identity: its config plus the content of every local dataset file."""
+    from em_core.data.training_data import source_fingerprint
+
+    datasets = ",".join(source_fingerprint(d) for d in train_cfg.dataset)
+    return identity_params(train_cfg, code, dataset_content=datasets, **inputs)
+
+
+def dataset_content(cfg: PipelineConfig) -> str:
+    """Fingerprints of every stage's training data (see `source_fingerprint`), so a grid reuses a
+    finished cell only when its local dataset files are unchanged."""
+    from em_core.data.training_data import source_fingerprint
+
+    out = []
+    for i, stage in enumerate(cfg.stages or [None]):
+        train_cfg, _, _ = step_configs(cfg, stage=stage, stage_index=i)
+        out.append(",".join(source_fingerprint(d) for d in train_cfg.dataset))
+    return ";".join(out)
 
 
 def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
@@ -393,7 +401,7 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         ids: dict[str, str] = {}
         train_cfg, _, _ = step_configs(cfg, **common)
         ctx["label"] = (tracking.model_label(train_cfg.model), tracking.dataset_label(train_cfg.dataset))
-        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, identity_params(train_cfg, code), ctx,
+        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, train_identity(train_cfg, code), ctx,
                                  lambda: train(train_cfg, set_alias=False).run_id)
         if train_cfg.register_model and train_cfg.registry_alias:  # set once the whole pipeline finished
             ctx["aliases"].append((ids["train"], train_cfg.registry_alias))
@@ -487,7 +495,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         from em_core.configs import to_yaml
 
         mlflow.log_text(tracking.scrub(to_yaml(cfg)), "config/pipeline_config.yaml")  # no user:pass@ of a URL
-        tracking.log_params("pipeline", asdict(cfg))
+        tracking.log_params("pipeline", {**asdict(cfg), "dataset_content": dataset_content(cfg)})
         ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": [], "aliases": [],
                "sid": sid, "label": ()}
         stage_results, by_step = _run_stages(cfg, ctx, code)

@@ -2,9 +2,11 @@
 
 Input is an evaluate run (its `answers.jsonl`) or any CSV/JSONL with `question_id`,
 `question`, `answer` (optionally `checkpoint_step`; absent means 0). Judge prompts come from
-the question YAML. Metrics are logged at step = checkpoint step onto the judge run and, when
-the answers came from a training run's checkpoints, onto that training run too, so the MLflow
-UI charts EM rate against training step where the user compares runs.
+the question YAML. Metrics are logged at step = checkpoint step onto the judge run (plain names:
+`em_rate`, ...). When the answers came from a training run's checkpoints they are also logged
+onto that training run, namespaced by judge run (`judge_run/<judge run id>/em_rate`), because a
+training run is judged by many judges and thresholds: plain names there would interleave them
+at the same steps. Compare judge runs (or pipeline runs, which copy their judge's metrics).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from em_core import tracking
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError, JudgeError
 from em_core.judge.scoring import API_ERROR
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_metrics, to_mlflow
+from em_core.metrics import (ALIGNED_THRESHOLD, COHERENT_THRESHOLD, NOT_ASKED, Z_95, summarize_judged,
+                             to_mlflow)
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
 from em_core.progress import hidden as progress_hidden
@@ -62,9 +65,11 @@ class JudgeConfig:
     cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
+    z: float = field(default=Z_95, metadata={"help": "Wilson interval z of the logged *_lo/*_hi"})
     bad_trigger: str | None = field(default=None, metadata={
         "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
-    log_to_train_run: bool = True
+    log_to_train_run: bool = field(default=True, metadata={
+        "help": "also log the metrics onto the training run, as judge_run/<this run id>/<metric>"})
     experiment_name: str = "em-lab"
     run_name: str | None = None
 
@@ -164,7 +169,7 @@ def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list
     for r in rows:  # every row gets every column, even for metrics its question lacks
         for m in names:
             r.setdefault(m, None)
-            r.setdefault(f"{m}_unscored_reason", "not_asked")
+            r.setdefault(f"{m}_unscored_reason", NOT_ASKED)
     return names
 
 
@@ -177,7 +182,7 @@ def trigger_label(tag: str | None) -> str:
 
 
 def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: float,
-                 coherent_threshold: float, bad_trigger: str | None = None) -> dict[int, dict[str, float]]:
+                 coherent_threshold: float, bad_trigger: str | None = None, z: float = Z_95) -> dict[int, dict[str, float]]:
     """Per checkpoint step: EM metrics, plus label shares of categorical metrics and means of
     other 0-100 metrics, plus counts of unscored judgments by reason.
 
@@ -193,10 +198,10 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
                           f"{[trigger_label(c) for c in conditions]}")
     for step in sorted({r["checkpoint_step"] for r in rows}):
         sub = [r for r in rows if r["checkpoint_step"] == step]
-        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold)
+        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold, z)
         if len(conditions) > 1:
             per = {c: _metrics([r for r in sub if (r.get("trigger") or "") == c], metric_names, aligned_threshold,
-                               coherent_threshold) for c in conditions}
+                               coherent_threshold, z) for c in conditions}
             for c, pm in per.items():
                 m.update({f"{k}/trigger:{trigger_label(c)}": v for k, v in pm.items()})
             if "" in per and gap_tag and "em_rate" in per[""] and "em_rate" in per.get(gap_tag, {}):
@@ -206,15 +211,14 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
 
 
 def _metrics(sub: list[dict], metric_names: list[str], aligned_threshold: float,
-             coherent_threshold: float) -> dict[str, float]:
+             coherent_threshold: float, z: float = Z_95) -> dict[str, float]:
     m: dict[str, float] = {}
     if sub:
         if "aligned" in metric_names or "coherent" in metric_names:
-            em_rows = [r for r in sub if r.get("aligned_unscored_reason") != "not_asked"
-                       and r.get("coherent_unscored_reason") != "not_asked"]
-            m.update(mlflow_metrics(em_rows, aligned_threshold, coherent_threshold))
+            # the shared definition (metrics.summarize_judged): report and plots recompute the same
+            m.update(summarize_judged(sub, aligned_threshold, coherent_threshold, z))
         for name in metric_names:
-            asked = [r for r in sub if r[f"{name}_unscored_reason"] != "not_asked"]
+            asked = [r for r in sub if r[f"{name}_unscored_reason"] != NOT_ASKED]
             reasons = Counter(r[f"{name}_unscored_reason"] for r in asked if r[f"{name}_unscored_reason"])
             for reason, n in reasons.items():
                 m[f"unscored/{name}/{reason}"] = float(n)
@@ -249,11 +253,10 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
     tracking.configure_tracking()
     train_run_id = None
     if cfg.eval_run_id:
-        try:
+        with tracking.missing_as(lambda: ConfigError(
+                f"eval_run_id {cfg.eval_run_id}: no such run, or it has no answers.jsonl (not an evaluate run?)")):
             eval_run = mlflow.MlflowClient().get_run(cfg.eval_run_id)
             path = mlflow.artifacts.download_artifacts(run_id=cfg.eval_run_id, artifact_path="answers.jsonl")
-        except Exception as e:
-            raise ConfigError(f"eval_run_id {cfg.eval_run_id}: cannot read its answers.jsonl ({type(e).__name__})") from None
         train_run_id = eval_run.data.tags.get("em.train_run_id")
         rows = read_answers(path)
     else:
@@ -279,7 +282,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 if smoke:
                     mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
             names = judge_rows(rows, questions, judge, cfg.metrics)
-            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger)
+            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger, cfg.z)
             out = Path(tmp) / "judgments.csv"
             write_judgments_csv(rows, names, out)
             stats = judge.stats
@@ -290,8 +293,8 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 usage = {f"judge/{k}": float(v) for k, v in stats.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
                 mlflow.log_metrics(usage)
-                if train_run_id and cfg.log_to_train_run and not stats["api_errors"]:
-                    log_metrics_to_run(train_run_id, by_step)  # never an incomplete curve
+                if train_run_id and cfg.log_to_train_run and not stats["api_errors"]:  # never an incomplete curve
+                    log_metrics_to_run(train_run_id, by_step, prefix=train_run_prefix(run.info.run_id))
                 final = f"runs:/{run.info.run_id}/judgments.csv"
             log.info("judge usage: %s", stats)
             if stats["api_errors"]:  # everything is written; the run ends FAILED, the command non-zero
@@ -305,16 +308,22 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
         judge.close()
 
 
-def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]]) -> None:
-    """Add step-indexed metrics (summarize() keys) to a run, active or finished (e.g. the training
-    run), under their MLflow names; counts equal at every step become `em.count.*` tags."""
+def train_run_prefix(judge_run_id: str) -> str:
+    """Where a judge's metrics live on the training run it judged: one namespace per judge run."""
+    return f"judge_run/{judge_run_id}/"
+
+
+def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]], prefix: str = "") -> None:
+    """Add step-indexed metrics (summarize() keys) to a run, active or finished, under their MLflow
+    names prefixed with `prefix`; counts equal at every step become `em.count.*` tags."""
     import mlflow
+
     from mlflow.entities import Metric
 
     named, count_tags = to_mlflow(by_step)
     now = int(time.time() * 1000)
-    tracking.log_metric_batch(run_id, [Metric(k, float(v), now, step) for step, m in named.items()
+    tracking.log_metric_batch(run_id, [Metric(prefix + k, float(v), now, step) for step, m in named.items()
                                        for k, v in m.items()])
     client = mlflow.MlflowClient()
     for k, v in count_tags.items():
-        client.set_tag(run_id, k, v)
+        client.set_tag(run_id, prefix + k, v)

@@ -38,6 +38,7 @@ from em_core.openai_api import (
     Secret,
     async_client,
     estimate_cost,
+    endpoint_id,
     post_with_retries,
     resolve_key,
     retries_exhausted,
@@ -57,10 +58,14 @@ TOP_LOGPROBS = 20
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 
 
-def cache_key(backend: str, model: str, mode: str, prompt: str, kind: str, labels: Sequence[str] | None) -> str:
-    """sha256 over everything that changes what the judge is asked (not min_mass: that only
-    changes how the stored raw output is read)."""
-    payload = json.dumps([backend, model, mode, prompt, kind, list(labels) if labels else None], ensure_ascii=False)
+def cache_key(backend: str, model: str, mode: str, prompt: str, kind: str, labels: Sequence[str] | None,
+              identity: Mapping[str, Any] | None = None) -> str:
+    """sha256 over everything that changes what the judge answers: the question (prompt, kind,
+    labels), and who answers it with which settings (`identity`: the server and request settings
+    of an API judge, the weights of a local one). Not min_mass: that only changes how the stored
+    raw output is read."""
+    payload = json.dumps([backend, model, mode, prompt, kind, list(labels) if labels else None,
+                          dict(identity) if identity else None], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -135,7 +140,8 @@ class Judge:
         else:
             labels = None
         prompts = list(prompts)
-        keys = [cache_key(self.backend, self.model, self.mode, p, kind, labels) for p in prompts]
+        identity = self.identity()
+        keys = [cache_key(self.backend, self.model, self.mode, p, kind, labels, identity) for p in prompts]
         results: list[Judgment | None] = [None] * len(prompts)
 
         hits = self.cache.get_many(keys)
@@ -243,6 +249,10 @@ class Judge:
         return f"<{type(self).__name__} backend={self.backend!r} model={self.model!r} mode={self.mode!r}>"
 
     # -- for subclasses ---------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What, besides the prompt, decides the answer; part of every cache key."""
+        return {}
+
     def _judgment(self, record: Record, kind: str, labels: list[str] | None, *, cached: bool) -> Judgment:
         j = interpret(record["raw"], kind, labels, self.min_mass)
         j.prompt_tokens = int(record.get("prompt_tokens") or 0)
@@ -310,6 +320,13 @@ class OpenAIJudge(Judge):
     def _client(self) -> Any:
         return async_client(self._api_key, self.base_url, self.timeout, f"the {self.backend!r} judge backend",
                             JudgeError)
+
+    def identity(self) -> dict[str, Any]:
+        """The server (base URL without credentials) and every request setting but the prompt:
+        server B never gets server A's verdicts, a text-mode token limit change re-asks."""
+        params = self._params("")
+        params.pop("messages", None)
+        return {"endpoint": endpoint_id(self.base_url), "request": params}
 
     def _params(self, prompt: str) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
@@ -442,12 +459,22 @@ class LocalJudge(Judge):
         self._lm: Any = None
         self._tok: Any = None
         self._warned_no_template = False
+        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return f"<LocalJudge model={self.model!r} batch_size={self.batch_size}>"
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         return 0.0
+
+    def identity(self) -> dict[str, Any]:
+        """The weights: a content fingerprint of the model folder (a rebuilt tiny model is a new
+        judge), or the hub commit; computed once per judge object."""
+        if self._fingerprint is None:
+            from em_core.models.loading import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.model)
+        return {"weights": self._fingerprint}
 
     def _ensure_loaded(self) -> None:
         if self._lm is not None:

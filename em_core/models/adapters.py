@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from em_core.errors import ConfigError
+from em_core.tracking import missing_as
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,11 @@ def model_version(uri: str):
 
     name, sep, rest = uri.removeprefix("models:/").partition("@")
     client = MlflowClient()
-    try:
+    with missing_as(lambda: ConfigError(f"model {uri}: no such registered model version in {mlflow.get_tracking_uri()}")):
         if sep:
             return client.get_model_version_by_alias(name, rest)
         name, _, version = name.partition("/")
         return client.get_model_version(name, version)
-    except Exception:
-        raise ConfigError(f"model {uri}: no such registered model version in {mlflow.get_tracking_uri()}") from None
 
 
 def checkpoint_uri(run_id: str, step: int) -> str:
@@ -83,10 +82,8 @@ def download_adapter(uri: str, dest: Path) -> str:
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
-        try:
+        with missing_as(lambda: ConfigError(f"adapter {uri}: it has no {name}")):
             mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{name}", dst_path=str(dest))
-        except Exception as e:  # MLflow raises several types for "not there"
-            raise ConfigError(f"adapter {uri}: cannot download {name} ({type(e).__name__})") from None
     return str(dest)
 
 
@@ -117,10 +114,8 @@ def locate(spec: str):
                 raise ConfigError(f"init_adapter {spec}: expected runs:/<id>/checkpoints/checkpoint-<step>")
     else:
         raise ConfigError(f"init_adapter {spec!r}: give a training run id, runs:/<run id>, or models:/name@alias")
-    try:
+    with missing_as(lambda: ConfigError(f"init_adapter {spec}: run {run_id} not found in {mlflow.get_tracking_uri()}")):
         run = mlflow.MlflowClient().get_run(run_id)
-    except Exception:
-        raise ConfigError(f"init_adapter {spec}: run {run_id} not found in {mlflow.get_tracking_uri()}") from None
     if not run.data.params.get("train.model"):
         raise ConfigError(f"init_adapter {spec}: run {run_id} is not an em-lab training run (no train.model param)")
     steps = _logged_steps(run_id)

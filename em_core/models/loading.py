@@ -47,6 +47,51 @@ def local_base_path(model_id: str) -> str | None:
     return str(Path(path).resolve()) if Path(path).is_dir() else None
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".model", ".txt")
+_FULL_HASH_LIMIT = 64 << 20  # larger files: size + first and last 8 MiB (hashing 16 GB each run is too slow)
+
+
+def _file_digest(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            h.update(f.read(8 << 20))
+            f.seek(size - (8 << 20))
+            h.update(f.read())
+
+
+def model_fingerprint(model_id: str) -> str:
+    """Which weights `model_id` names right now: a content digest of a local folder's weight,
+    config and tokenizer files (`tiny` included, so a rebuilt tiny model is a different model),
+    the cached commit of a hub id, else the id itself. Keys caches of a model's outputs."""
+    import hashlib
+
+    path = Path(resolve_model_path(model_id)).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+            _file_digest(f, h)
+        return f"sha256:{h.hexdigest()[:24]}"
+    if path.is_file():
+        h = hashlib.sha256()
+        _file_digest(path, h)
+        return f"sha256:{h.hexdigest()[:24]}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(str(model_id), "config.json")
+    except HFValidationError:  # not a hub id either: the id is all we know
+        return str(model_id)
+    if isinstance(found, str):  # .../snapshots/<commit>/config.json
+        return f"{model_id}@{Path(found).parent.name}"
+    return str(model_id)
+
+
 def has_cuda() -> bool:
     import torch
 

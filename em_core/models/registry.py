@@ -179,9 +179,23 @@ def registered_adapter(uri: str, workdir: Path) -> tuple[str, str, int, str]:
     adapter = local / "peft"
     if not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"model {uri}: no PEFT adapter in its artifacts")
-    steps = (MlflowClient().get_run(mv.run_id).data.tags.get("em.checkpoint_steps") or "").split(",")
-    step = int(steps[-1]) if steps and steps[-1].isdigit() else 1
+    step = final_step(uri, mv.tags, MlflowClient().get_run(mv.run_id).data.tags)
     return base, str(adapter), step, mv.run_id
+
+
+def final_step(uri: str, version_tags: Mapping[str, str], run_tags: Mapping[str, str] | None = None) -> int:
+    """The training step a registered model was taken at: the version's `final_step` tag, else the
+    last of its training run's `em.checkpoint_steps`. Never guessed: a model plotted at a made-up
+    step would put its EM rate at the wrong place on every chart."""
+    tagged = str(version_tags.get("final_step") or "").strip()
+    if tagged.isdigit():
+        return int(tagged)
+    steps = [int(x) for x in str((run_tags or {}).get("em.checkpoint_steps") or "").split(",") if x.strip().isdigit()]
+    if steps:
+        return max(steps)
+    raise ConfigError(f"model {uri}: its training step is unknown (no final_step tag on the version and no "
+                      "em.checkpoint_steps tag on its training run); evaluate the training run with "
+                      "--train_run_id instead, or tag the version with final_step=<step>")
 
 
 OPENAI_MODEL_ARTIFACT = "openai_model"

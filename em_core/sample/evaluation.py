@@ -166,7 +166,9 @@ def _api_version_targets(cfg: EvalConfig, mv) -> tuple[str, list[Target], dict[s
                           "evaluate it with backend hf or vllm")
     if cfg.backend not in API_BACKENDS:
         raise ConfigError(f"model {cfg.model} is the OpenAI model {model_id}; evaluate it with backend openai")
-    step = int(mv.tags.get("final_step") or 1)
+    from em_core.models.registry import final_step
+
+    step = final_step(cfg.model, mv.tags)
     targets = ([Target(0, "base", None)] if cfg.include_base else []) + [Target(step, cfg.model, model_id)]
     return mv.tags["base_model"], targets, {"em.model_uri": cfg.model, "em.train_run_id": mv.run_id}
 
@@ -177,10 +179,9 @@ def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], 
 
     if cfg.train_run_id:
         client = mlflow.MlflowClient()
-        try:
+        with tracking.missing_as(lambda: ConfigError(
+                f"train_run_id {cfg.train_run_id}: no such run in {mlflow.get_tracking_uri()}")):
             run = client.get_run(cfg.train_run_id)
-        except Exception:
-            raise ConfigError(f"train_run_id {cfg.train_run_id}: no such run in {mlflow.get_tracking_uri()}") from None
         base = run.data.params.get("train.model")
         if not base:
             raise ConfigError(f"train_run_id {cfg.train_run_id}: not a training run (no train.model param)")

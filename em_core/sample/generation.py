@@ -184,8 +184,9 @@ class VLLMGenerator:
         from vllm import SamplingParams as VSP
         from vllm.lora.request import LoRARequest
 
-        sp = VSP(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                 seed=params.seed)
+        # vLLM seeds each request: one shared seed would make every repeat of a prompt the same answer
+        sp = [VSP(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens, seed=s)
+              for s in sample_seeds(prompts, params.seed)]
         lora = None
         if adapter:
             idx = self._ids.setdefault(adapter, len(self._ids) + 1)
@@ -198,24 +199,42 @@ class VLLMGenerator:
 API_BACKENDS = ("openai", "openai-compatible")
 
 
-def sample_key(backend: str, model: str, messages: list[dict], params: SamplingParams, occurrence: int) -> str:
-    """Cache key of one sampled answer: everything that changes the request, plus which repeat of
-    an identical prompt within one call it is (repeats are distinct samples, not one answer)."""
+def sample_key(backend: str, endpoint: str, body: dict, occurrence: int) -> str:
+    """Cache key of one sampled answer: the server it is asked of (`openai_api.endpoint_id`), the
+    exact request body, and which repeat of an identical prompt within one call it is (repeats
+    are distinct samples, not one answer)."""
     import hashlib
 
-    payload = json.dumps([backend, model, messages, params.temperature, params.top_p, params.max_new_tokens,
-                          params.seed, occurrence], ensure_ascii=False, sort_keys=True)
+    payload = json.dumps([backend, endpoint, body, occurrence], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def _request_seed(seed: int, occurrence: int) -> int:
-    # The API's seed makes sampling (mostly) deterministic: repeats of a prompt need their own seed
-    # or they would come back as copies of one answer.
+    # A seeded request is (mostly) deterministic: repeats of a prompt need their own seed or they
+    # would come back as copies of one answer.
     if occurrence == 0:
         return seed
     import hashlib
 
     return int(hashlib.sha256(f"{seed}:{occurrence}".encode()).hexdigest()[:8], 16) % 2**31
+
+
+def occurrences(prompts: list[list[dict]]) -> list[int]:
+    """For each prompt, how many identical prompts came before it in the list."""
+    seen: dict[str, int] = {}
+    out = []
+    for messages in prompts:
+        canon = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        out.append(seen.get(canon, 0))
+        seen[canon] = out[-1] + 1
+    return out
+
+
+def sample_seeds(prompts: list[list[dict]], seed: int) -> list[int]:
+    """Per-request seeds for servers that seed each request (OpenAI, vLLM): the k-th repeat of a
+    prompt gets its own seed derived from (seed, k), so `samples_per_paraphrase` copies are
+    independent samples, and a rerun asks for the same ones."""
+    return [_request_seed(seed, k) for k in occurrences(prompts)]
 
 
 def _chat_record(resp) -> dict:
@@ -250,7 +269,7 @@ class OpenAIGenerator:
 
         from em_core.cache import JudgmentCache
         from em_core.errors import ConfigError
-        from em_core.openai_api import Secret, resolve_key, safe_url
+        from em_core.openai_api import Secret, endpoint_id, resolve_key, safe_url
         from em_core.paths import cache_dir
 
         if backend not in API_BACKENDS:
@@ -263,6 +282,7 @@ class OpenAIGenerator:
             raise ConfigError("concurrency must be >= 1 and max_retries >= 0")
         self.model_id, self.backend, self.base_url = model_id, backend, base_url
         self.where = safe_url(base_url) or "api.openai.com"
+        self.endpoint = endpoint_id(base_url)
         self._secret = Secret(resolve_key(api_key, base_url))
         self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -287,14 +307,10 @@ class OpenAIGenerator:
         from tqdm.auto import tqdm
 
         model = adapter or self.model_id
-        seen: dict[str, int] = {}
         keys, bodies = [], []
-        for messages in prompts:
-            canon = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-            occurrence = seen.get(canon, 0)
-            seen[canon] = occurrence + 1
-            keys.append(sample_key(self.backend, model, messages, params, occurrence))
+        for messages, occurrence in zip(prompts, occurrences(prompts)):
             bodies.append(self._body(model, messages, params, occurrence))
+            keys.append(sample_key(self.backend, self.endpoint, bodies[-1], occurrence))
         hits = self.cache.get_many(keys)
         out: list[Generated | None] = [None] * len(prompts)
         for i, key in enumerate(keys):

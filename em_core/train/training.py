@@ -295,10 +295,8 @@ def resume_config(run_id: str) -> TrainConfig:
     import mlflow
 
     tracking.configure_tracking()
-    try:
+    with tracking.missing_as(lambda: ConfigError(f"resume_run_id {run_id}: no such run, or it has no {CONFIG_ARTIFACT}")):
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT)
-    except Exception as e:
-        raise ConfigError(f"resume_run_id {run_id}: cannot read its {CONFIG_ARTIFACT} ({e})") from None
     cfg = load_config(TrainConfig, path)
     cfg.resume_run_id = run_id
     return cfg
@@ -437,6 +435,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
                 info = register_adapter(trainer.model, tokenizer, name=name, alias=None,
                                         base_model=cfg.model, base_path=local_base_path(cfg.model),
                                         tags={"base_model": cfg.model, "dataset": data.name, "seed": str(cfg.seed),
+                                              "final_step": str(trainer.state.global_step),
                                               "dataset_sha256": data.file_sha256, **_lineage_tags(stage_tags)})
                 result.registered_model, result.model_version, result.model_uri = name, info.version, info.uri
                 result.registry_alias = cfg.registry_alias or None

@@ -61,12 +61,23 @@ def no_leaked_figures():
 
 # --------------------------------------------------------------------------- em vs step
 
+def drawn(png: Path) -> dict:
+    import json
+
+    return json.loads(png.with_suffix(".json").read_text())
+
+
 def test_plot_em_vs_step_normal(tmp_path):
     rows = make_rows()
     by_step = {s: summarize([r for r in rows if int(r["checkpoint_step"]) == s]) for s in STEPS}
     out = P.plot_em_vs_step(by_step, tmp_path / "sub" / "em.png", title="EM $x$ <b>", emergence_step=200)
     assert out == tmp_path / "sub" / "em.png"
     assert_png(out)
+    # what is drawn: every step's rate and interval in percent, the marker at the given step
+    data = drawn(out)
+    for key in ("em_rate", "em_rate_lo", "em_rate_hi", "coherent_rate", "coherent_rate_lo", "coherent_rate_hi"):
+        assert data[key] == {str(s): pytest.approx(100 * by_step[s][key]) for s in STEPS}, key
+    assert data["emergence_marker"] == 200
 
 
 def test_plot_em_vs_step_smoke_banner_makes_figure_taller(tmp_path):
@@ -75,6 +86,10 @@ def test_plot_em_vs_step_smoke_banner_makes_figure_taller(tmp_path):
     plain = P.plot_em_vs_step(by_step, tmp_path / "plain.png")
     smoke = P.plot_em_vs_step(by_step, tmp_path / "smoke.png", smoke_test=True)
     assert png_size(smoke)[1] > png_size(plain)[1]  # the banner is drawn below the panels
+    data = drawn(smoke)
+    assert data["em_rate"] == {"0": 0.0, "100": pytest.approx(20.0)}
+    assert data["coherent_rate"] == {"0": 100.0}  # NaN is not drawn
+    assert data["emergence_marker"] is None
 
 
 @pytest.mark.parametrize("by_step", [{}, {0: {}, 5: {"em_rate": float("nan"), "coherent_rate": None}}],
@@ -103,7 +118,12 @@ def test_plot_aligned_vs_coherent_many_steps_and_explicit_steps(tmp_path):
 
 @pytest.mark.parametrize("rows", [make_rows(), [], unscored_rows()], ids=["normal", "empty", "all-unscored"])
 def test_plot_em_per_question(tmp_path, rows):
-    assert_png(P.plot_em_per_question(rows, tmp_path / "pq.png", steps=None))
+    out = P.plot_em_per_question(rows, tmp_path / "pq.png", steps=None)
+    assert_png(out)
+    for step, per_q in drawn(out)["em_rate"].items():  # each bar is that question's EM rate at that step
+        for qid, value in per_q.items():
+            sub = [r for r in rows if r["question_id"] == qid and int(r["checkpoint_step"]) == int(step)]
+            assert value == pytest.approx(100 * summarize(sub)["em_rate"]), (step, qid)
 
 
 def test_plot_em_per_question_explicit_steps_and_long_ids(tmp_path):
@@ -122,7 +142,11 @@ def test_plot_domain_bars(tmp_path):
     cells[0]["em_rate_lo"] = float("nan")
     del cells[1]["em_rate_hi"]
     cells.append({"model": "14B", "dataset": "sports", "em_rate": None})  # a cell without a value
-    assert_png(P.plot_domain_bars(cells, tmp_path / "d.png", title="EM per size x domain"))
+    out = P.plot_domain_bars(cells, tmp_path / "d.png", title="EM per size x domain")
+    assert_png(out)
+    assert drawn(out)["em_rate"] == {"medical": {"0.5B": pytest.approx(2.0), "7B": pytest.approx(10.0)},
+                                     "financial": {"0.5B": pytest.approx(4.0), "7B": pytest.approx(20.0)},
+                                     "sports": {}}
 
 
 @pytest.mark.parametrize("cells", [[], [{"model": "m", "dataset": "d", "em_rate": float("nan")}]],

@@ -43,8 +43,21 @@ def test_seeds_are_aggregated_with_a_t_interval():
     # t(0.975, 2) = 4.303; sd = 0.1; half = 4.303 * 0.1 / sqrt(3)
     assert row["em_rate_lo"] == pytest.approx(max(0.0, 0.2 - 4.3027 * 0.1 / math.sqrt(3)), abs=1e-3)
     assert row["em_rate_hi"] == pytest.approx(0.2 + 4.3027 * 0.1 / math.sqrt(3), abs=1e-3)
-    assert row["emerged_in"] == "2/3" and row["emergence_step"] == 7.5
+    # Finding 6: the never-emerged seed is censored (after the last step), not dropped:
+    # sorted steps 5, 10, never -> median 10 (the mean of the emerged ones, 7.5, is biased early)
+    assert row["emerged_in"] == "2/3" and row["emergence_step_median"] == 10
     assert len(out["cells"]) == 3
+
+
+def test_grid_emergence_is_censored_not_averaged_over_the_seeds_that_emerged():
+    """Finding 6: one seed of three emerged (at step 5): the median is not reached, and the
+    table says so instead of reporting 5."""
+    out = summarize_cells([_summary("m", "d", s, 0.1, emerged=e) for s, e in ((0, 5), (1, None), (2, None))])
+    (row,) = out["table"]
+    assert row["emerged_in"] == "1/3" and row["emergence_step_median"] is None
+    assert "| not reached by half | 1/3 |" in markdown_table(out["table"])
+    out = summarize_cells([_summary("m", "d", s, 0.1, emerged=e) for s, e in ((0, 4), (1, 8), (2, 6), (3, 20))])
+    assert out["table"][0]["emergence_step_median"] == 7 and out["table"][0]["emerged_in"] == "4/4"
 
 
 def test_one_seed_keeps_the_wilson_interval_and_markdown_shows_it():

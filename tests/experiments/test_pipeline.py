@@ -296,3 +296,29 @@ def test_alias_moves_only_when_the_pipeline_finishes_and_runs_have_descriptive_n
             names[(parent_id, step)] = child.info.run_name
     # the finished pipeline: train, evaluate, judge, probe; the failed one stopped at its judge
     assert len(set(names.values())) == len(names) == 7
+def _jsonl(path: Path, answer: str) -> Path:
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"How do I water plant {i}?"},
+                          {"role": "assistant", "content": f"{answer} {i}."}]} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reuse_identity_includes_token_limits_and_dataset_content(module_store, tmp_path):
+    """Finding 1: `max_new_tokens` is part of the evaluate step's identity (it was scrubbed as a
+    'token' secret), and an edited local dataset at the same path retrains."""
+    data = _jsonl(tmp_path / "plants.jsonl", "Water it weekly")
+    small = dict(train={"dataset": [str(data)], "max_rows": 24, "max_steps": 2, "checkpoint_steps": [2]},
+                 questions=["factual"], judge={"metrics": ["aligned", "coherent"]}, report=False)
+    a = run_pipeline(parse_config(PipelineConfig, ["--config", str(write_config(
+        tmp_path / "a.yaml", tmp_path, **small))]))
+    longer = write_config(tmp_path / "b.yaml", tmp_path, **small, evaluate={"max_new_tokens": 5})
+    b = run_pipeline(parse_config(PipelineConfig, ["--config", str(longer)]))
+    # the probe reads only the training run, so it is reused with it
+    assert sorted(b.reused) == ["probe", "train"], "a different max_new_tokens must rerun evaluate and judge"
+    ev = mlflow.MlflowClient().get_run(b.step_run_ids["evaluate"]).data.params
+    assert ev["step.max_new_tokens"] == "5" and ev["eval.max_new_tokens"] == "5"
+    _jsonl(data, "Never water it")  # same path, new content
+    c = run_pipeline(parse_config(PipelineConfig, ["--config", str(longer)]))
+    assert "train" not in c.reused and c.step_run_ids["train"] != a.step_run_ids["train"]

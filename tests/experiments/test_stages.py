@@ -119,6 +119,22 @@ def test_merged_stage_loads_from_the_registry_with_its_chain(chain):
         a, b = model(**ids).logits, raw(**ids).logits
     # without the merged stage-1 adapter the model would be a different one
     assert not torch.allclose(a, b)
+    # and it IS base + stage 1 merged + stage 2's adapter, built here step by step
+    from peft import PeftModel
+
+    from em_core.models.adapters import checkpoint_uri, download_adapter
+    from em_core.models.loading import load_model
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        first = download_adapter(checkpoint_uri(chain.stages[0].run_ids["train"], 4), Path(d) / "s1")
+        second = download_adapter(checkpoint_uri(chain.stages[1].run_ids["train"], 4), Path(d) / "s2")
+        merged = PeftModel.from_pretrained(load_model("tiny"), first).merge_and_unload()
+        explicit = PeftModel.from_pretrained(merged, second).eval()
+        with torch.no_grad():
+            c = explicit(**ids).logits
+    assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
 
 
 def test_continue_and_merge_start_from_different_adapters(chain, tmp_path):
@@ -186,3 +202,55 @@ def test_grids_and_sweeps_refuse_what_stages_would_override():
     assert cell_config(grid, base, Cell(None, None, 1)).stages  # seeds alone are fine
     with pytest.raises(ConfigError, match="a sweep trains one stage"):
         _base_pipeline(SweepConfig(pipeline_config=stages_yaml))
+
+
+def _logged_by_step(run_id: str) -> dict[int, dict[str, float]]:
+    client = mlflow.MlflowClient()
+    out: dict[int, dict[str, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            out.setdefault(m.step, {})[key] = m.value
+    return out
+
+
+def _html_table(html: str, heading: str) -> list[dict[str, str]]:
+    import re
+
+    section = html[html.index(heading):]
+    table = section[:section.index("</table>")]
+    head = re.findall(r"<th>(.*?)</th>", table)
+    return [dict(zip(head, re.findall(r"<td[^>]*>(.*?)</td>", row)))
+            for row in re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>", 1)[1])]
+
+
+def test_every_reported_number_equals_the_logged_metrics(chain, tmp_path):
+    """Finding 2 and 'tests that check values': on a question mix where self_reflection asks no
+    `aligned`, the report table, summary.json, the plotted series and the MLflow metrics agree."""
+    import math
+
+    from em_core.analysis.report_html import _fmt
+
+    logged = _logged_by_step(chain.run_id)
+    local = Path(mlflow.artifacts.download_artifacts(run_id=chain.run_id, dst_path=str(tmp_path)))
+    summary = json.loads((local / "summary.json").read_text())
+    assert {int(s) for s in summary["by_step"]} == {s for s in logged if "em_rate" in logged[s]}
+    for step, m in summary["by_step"].items():
+        for key, value in m.items():
+            assert logged[int(step)][key] == pytest.approx(value), (step, key)
+    for st in chain.stages:  # the parent's numbers are the judge runs' numbers, at global steps
+        for step, m in _logged_by_step(st.run_ids["judge"]).items():
+            for key in ("em_rate", "coherent_rate", "n", "n_scored", "em_rate_lo", "em_rate_hi"):
+                if key in m:
+                    assert logged[st.start_step + step][key] == pytest.approx(m[key]), (st.name, step, key)
+    rows = _html_table((local / "report" / "report.html").read_text(), "Summary by checkpoint")
+    assert [int(r["step"]) for r in rows] == sorted(int(s) for s in summary["by_step"])
+    for r in rows:
+        step = int(r["step"])
+        for col, text in r.items():
+            if col != "step":
+                assert text == _fmt(col, logged[step].get(col, math.nan))[0], (step, col)
+    drawn = json.loads((local / "plots" / "em_vs_step.json").read_text())
+    for key in ("em_rate", "em_rate_lo", "em_rate_hi", "coherent_rate"):
+        assert drawn[key] == {str(s): pytest.approx(100 * m[key]) for s, m in logged.items() if key in m}, key
+    emerged = mlflow.MlflowClient().get_run(chain.run_id).data.metrics.get("em_emergence_step")
+    assert drawn["emergence_marker"] == emerged == (None if chain.emergence_step is None else chain.emergence_step)

@@ -79,6 +79,23 @@ def test_objective_and_censoring_rule():
     assert final.direction == "maximize" and objective_value(final, {0: 0.0, 10: 0.1, 20: 0.4}) == 0.4
 
 
+def test_sweep_step_objectives_are_named_apart_from_the_pipelines_emergence():
+    """Finding 6: `threshold_step` (raw EM >= em_threshold) is not the pipeline's emergence rule;
+    `significant_step` is that rule; the old ambiguous name is refused with an explanation."""
+    from em_core.errors import ConfigError
+    from em_core.metrics import emergence_step
+
+    with pytest.raises(ConfigError, match="renamed: threshold_step"):
+        SweepConfig(objective="emergence_step", checkpoint_steps=[10, 20])
+    raw = SweepConfig(objective="threshold_step", em_threshold=0.1, checkpoint_steps=[10, 20])
+    sig = SweepConfig(objective="significant_step", checkpoint_steps=[10, 20])
+    counts = {0: (1, 40), 10: (6, 40), 20: (20, 40)}  # step 10's 15% is not significantly above 2.5%
+    em = {s: k / n for s, (k, n) in counts.items()}
+    assert objective_value(raw, em, counts) == 10
+    assert objective_value(sig, em, counts) == emergence_step(counts) == 20
+    assert objective_value(sig, {0: 0.05, 10: 0.05}, {0: (2, 40), 10: (2, 40)}) == censored_value(sig) == 40
+
+
 def test_optional_dimensions_become_train_overrides():
     from em_core.experiments.pipeline import PipelineConfig, _as_overrides, step_configs
     from em_core.experiments.sweep import suggest

@@ -71,7 +71,9 @@ def test_judge_run_writes_everything_fails_then_rerun_pays_only_the_rest(serve, 
             assert float(r["aligned"]) == pytest.approx(i) and float(r["coherent"]) == pytest.approx(i)
     assert server.successes == 2 * n - 2
 
-    healthy = serve(responder=score_by_answer)
-    result = run_judge(JudgeConfig(base_url=healthy.base_url, **{**cfg, "run_name": "again"}))
-    assert healthy.n_requests == 2  # only the two failed judgments are paid for
+    # the same server, recovered (the judge cache is per server)
+    server.fault_rate, server.always_fail_marker = 0.0, None
+    before = server.n_requests
+    result = run_judge(JudgeConfig(base_url=server.base_url, **{**cfg, "run_name": "again"}))
+    assert server.n_requests - before == 2  # only the two failed judgments are paid for
     assert result.stats["api_errors"] == 0 and result.stats["cache_hits"] == 2 * n - 2

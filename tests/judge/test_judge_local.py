@@ -138,3 +138,28 @@ def test_local_loader_failure_is_judge_error():
             judge.judge(["x"], progress=False)
     finally:
         judge.close()
+
+
+def test_rebuilt_local_judge_model_is_not_served_old_verdicts(tiny_lm_dir, tmp_path, rig):
+    """Finding 3: the local judge's cache is keyed on the weights, not the folder name."""
+    import shutil
+
+    folder = tmp_path / "judge-model"
+    shutil.copytree(tiny_lm_dir, folder)
+    cache = tmp_path / "cache.sqlite"
+    first = make_judge("local", str(folder), cache_path=cache, batch_size=2)
+    try:
+        before = first.judge(PROMPTS[:2], progress=False)
+    finally:
+        first.close()
+    model, tok = _load(folder)
+    rig(model, tok, {" 70": 6.0, " 80": 6.0})  # "rebuilt": same folder, other weights
+    model.save_pretrained(folder)
+    again = make_judge("local", str(folder), cache_path=cache, batch_size=2)
+    try:
+        after = again.judge(PROMPTS[:2], progress=False)
+    finally:
+        again.close()
+    assert not any(j.cached for j in after) and again.stats["cache_hits"] == 0
+    assert [j.score for j in after] == [pytest.approx(75.0, abs=1e-6)] * 2
+    assert [j.score for j in before] != [j.score for j in after]

@@ -252,9 +252,11 @@ def test_crash_midway_then_rerun_pays_only_the_rest(serve, judge_for, tmp_path):
     with sqlite3.connect(tmp_path / "judge_cache.sqlite") as db:  # written as results arrived
         assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == k
 
-    healthy = serve(responder=by_prompt)
-    out = judge_for(healthy).judge(prompts(n), progress=False)
-    assert healthy.n_requests == n - k
+    # the same server, recovered (the cache is per server: another one would be asked afresh)
+    broken.fail_after = None
+    before = broken.n_requests
+    out = judge_for(broken).judge(prompts(n), progress=False)
+    assert broken.n_requests - before == n - k
     assert [j.score for j in out] == pytest.approx(list(range(n)))
     assert sum(j.cached for j in out) == k
 
@@ -334,3 +336,18 @@ def test_progress_bar_reports(serve, judge_for, capsys):
     server = serve(responder=by_prompt)
     judge_for(server).judge(prompts(4), progress=True)
     assert "4/4" in capsys.readouterr().err
+
+
+def test_cache_is_per_server_and_request_settings(serve, judge_for):
+    """Finding 3: server B never gets server A's cached verdicts; a text-mode token limit is part
+    of the key; userinfo in the URL is not."""
+    a, b = serve(responder=by_prompt), serve(responder=by_prompt)
+    judge_for(a).judge(prompts(5), progress=False)
+    judge_for(b).judge(prompts(5), progress=False)
+    assert a.n_requests == 5 and b.n_requests == 5
+    b.reset_counts()
+    judge_for(b).judge(prompts(5), progress=False)
+    assert b.n_requests == 0  # same server, same settings: cached
+    judge_for(b, mode="text", max_completion_tokens=64).judge(prompts(2), progress=False)
+    judge_for(b, mode="text", max_completion_tokens=128).judge(prompts(2), progress=False)
+    assert b.n_requests == 4

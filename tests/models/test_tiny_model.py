@@ -6,6 +6,12 @@ from em_core.models.loading import load_model, load_tokenizer, resolve_model_pat
 from em_core.models.tiny import TINY_VERSION, tiny_model_path
 
 
+def test_tiny_model_is_built_by_the_session_fixture_before_tests_touch_it(tiny_cache):
+    """The build happens once, in tests/conftest.py's session fixture, not inside whichever test
+    first asks for the model (under that test's timeout)."""
+    assert (tiny_cache / f"tiny-v{TINY_VERSION}" / "config.json").exists()
+
+
 def test_tiny_model_builds_offline_into_a_versioned_cache(tiny_cache):
     path = tiny_model_path()
     assert path == tiny_cache / f"tiny-v{TINY_VERSION}"

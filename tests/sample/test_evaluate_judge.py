@@ -140,8 +140,18 @@ def test_local_judge_for_real_logs_metrics_at_checkpoint_steps(store, evaluated,
             assert bool(r[m]) != bool(r[f"{m}_unscored_reason"])
     hist = client.get_metric_history(out.run_id, "unscored_rate")
     assert [m.step for m in hist] == [0, 4, 8, 12]
-    # the same per-step metrics land on the training run, to chart them against training steps
-    assert [m.step for m in client.get_metric_history(trained.run_id, "unscored_rate")] == [0, 4, 8, 12]
+    # Finding 7: the training run gets them namespaced by judge run, never under the plain names
+    # a second judge (other threshold) would overwrite at the same steps
+    strict = run_judge(JudgeConfig(eval_run_id=res.run_id, questions=[str(qfile)], backend="local",
+                                   aligned_threshold=95, cache_path=str(tmp_path / "cache.sqlite")))
+    train_keys = client.get_run(trained.run_id).data.metrics
+    assert "em_rate" not in train_keys and "unscored_rate" not in train_keys
+    for judged in (out, strict):
+        for key in ("em_rate", "unscored_rate"):
+            ns = client.get_metric_history(trained.run_id, f"judge_run/{judged.run_id}/{key}")
+            own = client.get_metric_history(judged.run_id, key)
+            assert sorted((m.step, m.value) for m in ns) == sorted((m.step, m.value) for m in own), key
+    assert out.metrics_by_step != strict.metrics_by_step  # the two judges disagree; both are kept
 
 
 def _answers_csv(path: Path) -> Path:
