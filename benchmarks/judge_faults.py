@@ -53,10 +53,11 @@ def one_run(server_mod: Any, seed: int, n: int, fault_rate: float, concurrency: 
         row = {"complete": int(lost == 0), "lost": lost, "duplicated": sum(c - 1 for c in answered.values()),
                "verdicts": sum(j.scored for j in out), "paid_over_min": server.successes - n,
                "attempts": server.n_requests, "final_retries": final_retries}
-        with server_mod.JudgeServer() as healthy:  # the re-run pays only for what was lost
-            with make_judge("openai-compatible", "m", **{**opts, "base_url": healthy.base_url}) as judge:
-                judge.judge(prompts, progress=False)
-            row["rerun_paid"] = healthy.n_requests
+        # the re-run, against the same server recovered (the cache is per server), pays only for what was lost
+        server.fault_rate, before = 0.0, server.n_requests
+        with make_judge("openai-compatible", "m", **opts) as judge:
+            judge.judge(prompts, progress=False)
+        row["rerun_paid"] = server.n_requests - before
     return row
 
 
