@@ -205,12 +205,17 @@ def test_grids_and_sweeps_refuse_what_stages_would_override():
 
 
 def _logged_by_step(run_id: str) -> dict[int, dict[str, float]]:
+    """A run's step metrics under summarize() keys (MLflow names `em_rate/lo`, `count/n` and the
+    `em.count.*` tags of constant counts mapped back)."""
+    from em_core.metrics import from_mlflow
+
     client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
     out: dict[int, dict[str, float]] = {}
-    for key in client.get_run(run_id).data.metrics:
+    for key in run.data.metrics:
         for m in client.get_metric_history(run_id, key):
             out.setdefault(m.step, {})[key] = m.value
-    return out
+    return from_mlflow(out, run.data.tags)
 
 
 def _html_table(html: str, heading: str) -> list[dict[str, str]]:
