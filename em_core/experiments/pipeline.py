@@ -413,7 +413,7 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
         stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
-        if cfg.with_probe:
+        if cfg.with_probe and train_cfg.backend != "openai":  # the probe needs local weights
             _run_probe_step(cfg, ctx, code, prefix, ids, i, offset, stage_steps)
         by_step.update(stage_steps)
         end = offset + _final_step(ids["train"])

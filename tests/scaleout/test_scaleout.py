@@ -53,7 +53,7 @@ def test_tiny_pipeline_end_to_end_through_the_server(server_store, tmp_path, mon
     assert parent.info.status == "FINISHED"
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # through the server's proxy, no local path
     children = _runs("scale-pipe", f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "train"]
+    assert sorted(r.data.tags["em.pipeline_step"] for r in children) == ["evaluate", "judge", "probe", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert [m.step for m in client.get_metric_history(result.run_id, "em_rate")] == [0, 3, 6]
     train_id = result.step_run_ids["train"]
@@ -203,7 +203,7 @@ def test_ray_grid_two_launchers_run_each_cell_once(server_store, tmp_path, ray_h
     assert [p.returncode for p in launchers] == [0, 0], "\n".join(
         (tmp_path / f"launcher{i}.log").read_text()[-2500:] for i in range(2))
     cells = _runs("scale-grid", "tags.`em.grid` = 'ray2' and tags.`em.entry_point` = 'pipeline'")
-    assert sorted(r.data.tags["em.grid_cell"] for r in cells) == ["tiny/demo/seed0", "tiny/plant_care_good/seed0"]
+    assert sorted(r.data.tags["em.grid_cell"] for r in cells) == ["tiny/plant_care_bad/seed0", "tiny/plant_care_good/seed0"]
     assert all(r.info.status == "FINISHED" for r in cells)
     summaries = _runs("scale-grid", "tags.`em.grid` = 'ray2' and tags.`em.entry_point` = 'grid'")
     assert len(summaries) == 2 and all(r.info.status == "FINISHED" for r in summaries)
