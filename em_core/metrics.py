@@ -363,26 +363,28 @@ def probe_breadth(general_base: float, general_now: float, domain_base: float, d
     return (general_now - general_base) / d_domain
 
 
+def average_ranks(vals: Sequence[float]) -> list[float]:
+    """1-based ranks of `vals`, ties sharing the mean of their ranks (as Spearman and the
+    Mann-Whitney AUROC need)."""
+    order = sorted(range(len(vals)), key=lambda i: vals[i])
+    out = [0.0] * len(vals)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and vals[order[j + 1]] == vals[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN with < 3 points or a constant side."""
     pts = [(x, y) for x, y in zip(xs, ys) if not (math.isnan(x) or math.isnan(y))]
     if len(pts) < 3:
         return NAN
-
-    def ranks(vals: list[float]) -> list[float]:
-        order = sorted(range(len(vals)), key=lambda i: vals[i])
-        out = [0.0] * len(vals)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and vals[order[j + 1]] == vals[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return out
-
-    rx, ry = ranks([p[0] for p in pts]), ranks([p[1] for p in pts])
+    rx, ry = average_ranks([p[0] for p in pts]), average_ranks([p[1] for p in pts])
     mx, my = math.fsum(rx) / len(rx), math.fsum(ry) / len(ry)
     sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
     sxx = math.fsum((a - mx) ** 2 for a in rx)

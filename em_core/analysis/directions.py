@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_core.errors import ConfigError, DataError
+from em_core.metrics import average_ranks
 from em_core.models.steering import Directions, decoder_layers, hooked
 from em_core.paths import resource_path
 
@@ -223,16 +224,7 @@ def auroc(scores: list[float], labels: list[int]) -> float:
     neg = [s for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
         return float("nan")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):  # average ranks over ties
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks = average_ranks(scores)
     r_pos = sum(r for r, y in zip(ranks, labels) if y)
     return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
