@@ -16,7 +16,6 @@ and how many prompts needed the final retry (without it, such a run lost those p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import tempfile
@@ -28,14 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from em_core.judge import API_ERROR, make_judge  # noqa: E402
-
-
-def _server_module() -> Any:
-    spec = importlib.util.spec_from_file_location("judge_server", ROOT / "tests" / "judge_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["judge_server"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests import judge_server  # noqa: E402  (the loopback stand-in the tests use)
 
 
 def one_run(server_mod: Any, seed: int, n: int, fault_rate: float, concurrency: int) -> dict[str, int]:
@@ -69,7 +61,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
     logging.disable(logging.ERROR)  # thousands of retry warnings
-    mod = _server_module()
+    mod = judge_server
     rows = []
     for seed in range(args.runs):
         row = one_run(mod, seed, args.n, args.fault_rate, args.concurrency)

@@ -10,7 +10,6 @@ competes with the judge for the GIL and the figure measures the stub too (--in-p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing as mp
 import statistics
 import sys
@@ -23,20 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from em_core.judge import make_judge  # noqa: E402
-
-
-def _load_server_module() -> Any:
-    # tests/ is not a package; load the helper by path so this script runs from anywhere.
-    spec = importlib.util.spec_from_file_location("judge_server", ROOT / "tests" / "judge_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["judge_server"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests import judge_server  # noqa: E402  (the loopback stand-in the tests use)
 
 
 def _serve(conn: Any, latency: float) -> None:
     """Child process: run the server, answer 'count'/'max'/'reset', exit on 'stop'."""
-    server = _load_server_module().JudgeServer(latency=latency).start()
+    server = judge_server.JudgeServer(latency=latency).start()
     conn.send(server.base_url)
     while True:
         cmd = conn.recv()
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> float:
     args = ap.parse_args(argv)
 
     if args.in_process:
-        server = _load_server_module().JudgeServer(latency=args.latency).start()
+        server = judge_server.JudgeServer(latency=args.latency).start()
     else:
         server = _RemoteServer(args.latency)
     ideal = args.n * args.latency / args.concurrency
