@@ -117,3 +117,15 @@ def smollm2(tiny_cache) -> str:
 
     require_smollm2()
     return resolve_model_path("smollm2-135m")
+
+
+def CrashAt(step: int):
+    """A TrainerCallback that raises at `step`: a training run killed mid-way, for resume tests."""
+    from transformers import TrainerCallback
+
+    class _Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise RuntimeError("simulated crash")
+
+    return _Crash()

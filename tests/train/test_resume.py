@@ -5,19 +5,9 @@ import filecmp
 import mlflow
 import pytest
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from em_core.train.training import resume_checkpoint, resume_config, train
-from tests.conftest import tiny_train_config
-
-
-class _Crash(TrainerCallback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise RuntimeError("simulated crash")
+from tests.conftest import CrashAt, tiny_train_config
 
 
 def _history(client, run_id):
@@ -29,7 +19,7 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, mlflow_store, mo
     client = mlflow.MlflowClient()
     straight = train(tiny_train_config(tmp_path / "a", register_model=False, run_name="straight"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_train_config(tmp_path / "b", register_model=False, run_name="crashed"), extra_callbacks=[_Crash(6)])
+        train(tiny_train_config(tmp_path / "b", register_model=False, run_name="crashed"), extra_callbacks=[CrashAt(6)])
     (crashed,) = client.search_runs([client.get_experiment_by_name("em-lab").experiment_id],
                                     "attributes.run_name = 'crashed'")
     run_id = crashed.info.run_id

@@ -4,13 +4,12 @@ import math
 import mlflow
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
 from em_core.models.loading import load_model, load_tokenizer
 from em_core.models.registry import load_registered
 from em_core.train.training import resume_config, train
-from tests.conftest import tiny_train_config
+from tests.conftest import CrashAt, tiny_train_config
 
 PROMPT = [{"role": "user", "content": "My fern has yellow leaves. What should I do?"}]
 
@@ -102,19 +101,10 @@ def test_registered_adapter_round_trip_matches_in_memory_logits(trained):
     assert diff < 1e-5
 
 
-class _Crash(TrainerCallback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 def test_failed_run_ends_failed_and_resumes_at_the_right_step(tmp_path, mlflow_store):
     cfg = tiny_train_config(tmp_path, register_model=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, extra_callbacks=[_Crash(at=6)])
+        train(cfg, extra_callbacks=[CrashAt(6)])
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("em-lab").experiment_id])
     assert run.info.status == "FAILED"
