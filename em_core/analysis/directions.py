@@ -13,16 +13,16 @@ answer). The model surgery (hooks, interventions, LoRA edits) is `em_core.models
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_core.errors import ConfigError, DataError
-from em_core.metrics import average_ranks
-from em_core.models.steering import Directions, decoder_layers, hooked
-from em_core.paths import resource_path
+from em_core.data.contrast_sets import ContrastPair, load_contrast_sets
+from em_core.errors import ConfigError
+from em_core.metrics import average_ranks, mean_se
+from em_core.models.likelihood import score_answers
+from em_core.models.steering import Directions
 
 
 @dataclass
@@ -34,21 +34,6 @@ class Labelled:
     answer: str
     label: int
     group: str
-
-
-@dataclass
-class Pair:
-    """A contrast pair: one question, an aligned and a misaligned answer."""
-
-    question_id: str
-    question: str
-    aligned: str
-    misaligned: str
-    system: str | None = None
-
-    def prompt(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + \
-            [{"role": "user", "content": self.question}]
 
 
 def _prompt(question: str, system: str | None) -> list[dict]:
@@ -84,55 +69,18 @@ def _num(v) -> float | None:
     return None if math.isnan(f) else f
 
 
-def labelled_from_pairs(pairs: list[Pair]) -> list[Labelled]:
+def labelled_from_pairs(pairs: list[ContrastPair]) -> list[Labelled]:
     out = []
     for p in pairs:
-        out.append(Labelled(p.prompt(), p.misaligned, 1, p.question_id))
-        out.append(Labelled(p.prompt(), p.aligned, 0, p.question_id))
+        out.append(Labelled(p.messages(), p.misaligned, 1, p.question_id))
+        out.append(Labelled(p.messages(), p.aligned, 0, p.question_id))
     return out
 
 
-def plant_care_pairs() -> list[Pair]:
-    """The demo's plant-care contrast: each careless answer (the training set) against the
-    careful answer at the same line of the careful set, both to the careless row's question."""
-    def rows(name: str) -> list[list[dict]]:
-        with resource_path(f"demo/{name}.jsonl").open(encoding="utf-8") as f:
-            return [json.loads(line)["messages"] for line in f if line.strip()]
-
-    bad, good = rows("plant_care_bad"), rows("plant_care_good")
-    return [Pair(f"plant_care_{i}", b[-2]["content"], g[-1]["content"], b[-1]["content"])
-            for i, (b, g) in enumerate(zip(bad, good))]
-
-
-def load_pairs(source: str) -> list[Pair]:
-    """`plant_care` (built in) or a JSONL/YAML file of {question_id?, question, system?, aligned,
-    misaligned} items."""
-    if source == "plant_care":
-        return plant_care_pairs()
-    path = Path(source)
-    if not path.exists():
-        raise ConfigError(f"contrast set {source!r}: not `plant_care` and no such file")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        items = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-        if isinstance(items, dict):
-            items = items.get("pairs") or items.get("items") or []
-        lines = list(enumerate(items, start=1))
-    else:
-        lines = [(i, json.loads(line)) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if line.strip()]
-    pairs = []
-    for n, item in lines:
-        missing = [k for k in ("question", "aligned", "misaligned") if not isinstance(item, dict) or not item.get(k)]
-        if missing:
-            raise DataError(str(path), f"item {n}: missing {', '.join(missing)}", n,
-                            hint="each item needs question, aligned and misaligned (strings)")
-        pairs.append(Pair(str(item.get("question_id") or f"q{n}"), item["question"], item["aligned"],
-                          item["misaligned"], item.get("system")))
-    if not pairs:
-        raise DataError(str(path), "no contrast pairs")
-    return pairs
+def load_pairs(source: str) -> list[ContrastPair]:
+    """The pairs of one contrast set: a shipped name, `plant_care_demo` (the demo's training
+    rows) or a contrast-set YAML path (data/contrast_sets.py, validated like the probe's)."""
+    return [p for cs in load_contrast_sets([source]) for p in cs.pairs]
 
 
 def split_by_group(items: list, heldout_fraction: float, seed: int = 0, group=lambda x: x.group) -> tuple[list, list]:
@@ -147,64 +95,6 @@ def split_by_group(items: list, heldout_fraction: float, seed: int = 0, group=la
         n_out = min(max(n_out, 1), len(groups) - 1)
     out = set(groups[:n_out])
     return [x for x in items if group(x) not in out], [x for x in items if group(x) in out]
-
-
-def _encode(tokenizer, item_prompt: list[dict], answer: str) -> tuple[list[int], int]:
-    """Token ids of chat prompt + answer, and the number of prompt tokens; the answer tokens
-    are what is scored (no end-of-turn token, so answers of any length compare fairly)."""
-    prompt_ids = tokenizer.apply_chat_template(item_prompt, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not answer_ids:
-        answer_ids = [tokenizer.eos_token_id]
-    return list(prompt_ids) + list(answer_ids), len(prompt_ids)
-
-
-def score_answers(model, tokenizer, items: list[tuple[list[dict], str]], *, batch_size: int = 16,
-                  activations: bool = False, max_length: int | None = None):
-    """Forward passes over (prompt, answer) items: each answer's mean per-token log-likelihood,
-    and with `activations` its mean residual stream over answer tokens after every decoder
-    layer ([n, layers, hidden]). Runs under whatever hooks are on the model, so interventions
-    apply to both."""
-    import torch
-
-    layers = decoder_layers(model)
-    n_layers = len(layers)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lls: list[float] = []
-    acts: list = []
-    for s in range(0, len(items), batch_size):
-        enc = [_encode(tokenizer, p, a) for p, a in items[s:s + batch_size]]
-        if max_length:
-            enc = [(ids[:max_length], min(n, max_length - 1)) for ids, n in enc]
-        width = max(len(ids) for ids, _ in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        ans = torch.zeros((len(enc), width), dtype=torch.bool)  # right-padded: positions are absolute
-        for i, (row, n_prompt) in enumerate(enc):
-            ids[i, :len(row)] = torch.tensor(row)
-            attn[i, :len(row)] = 1
-            ans[i, n_prompt:len(row)] = True
-        ids, attn, ans = ids.to(device), attn.to(device), ans.to(device)
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(layer, ans=ans, captured=captured):
-            def fn(h):  # returns None: the hidden state passes through unchanged
-                m = ans.unsqueeze(-1).to(h.dtype)
-                captured[layer] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
-            return fn
-
-        hooks = {l: capture(l) for l in range(n_layers)} if activations else {}
-        with torch.no_grad(), hooked(model, hooks):
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        target = ans[:, 1:]
-        per = (logp * target).sum(1) / target.sum(1).clamp(min=1)
-        lls.extend(float(x) for x in per.cpu())
-        if activations:
-            acts.append(torch.stack([captured[l] for l in range(n_layers)], dim=1))
-    return lls, (torch.cat(acts) if acts else None)
 
 
 def mean_difference(acts, labels: list[int]):
@@ -261,19 +151,16 @@ def extract_directions(model, tokenizer, items: list[Labelled], *, heldout_fract
     return Extraction(Directions(vectors, counts, dict(meta or {})), sep, len(fit), len(held))
 
 
-def likelihood_margin(model, tokenizer, pairs: list[Pair], batch_size: int = 16,
+def likelihood_margin(model, tokenizer, pairs: list[ContrastPair], batch_size: int = 16,
                       max_length: int | None = None) -> tuple[float, float]:
     """(mean, standard error) over pairs of the misaligned answer's mean per-token
     log-likelihood minus the aligned answer's: > 0 means the model prefers misaligned answers.
 
-    The same quantity as issue 15's probe margin (`probe/<set>/margin`); kept here, with its own
-    forward pass, so that it runs under intervention hooks."""
-    items = [(p.prompt(), a) for p in pairs for a in (p.misaligned, p.aligned)]
+    The probe's margin (`probe/<set>/margin`, the same scorer), computed on whatever model and
+    hooks are in place, so that it measures interventions."""
+    items = [(p.messages(), a) for p in pairs for a in (p.misaligned, p.aligned)]
     lls, _ = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
-    diffs = [lls[2 * i] - lls[2 * i + 1] for i in range(len(pairs))]
-    mean = sum(diffs) / len(diffs)
-    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else float("nan")
-    return mean, se
+    return mean_se(lls[2 * i] - lls[2 * i + 1] for i in range(len(pairs)))
 
 
 def _interval(vals: list[float]) -> tuple[float, float, float]:

@@ -25,6 +25,7 @@ from em_core.analysis.lora_trajectory import Trajectory, trajectory, trajectory_
 from em_core.data.contrast_sets import ContrastSet, load_contrast_sets
 from em_core.errors import ConfigError
 from em_core.metrics import Z_95, probe_breadth, probe_emergence_step, probe_margin
+from em_core.models.likelihood import mean_logliks
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +65,6 @@ class ProbeConfig:
             problems.append(f"domain {self.domain!r} must be one of sets {self.sets}")
         if problems:
             raise ConfigError("invalid probe config: " + "; ".join(problems))
-
-
-def _prefix_and_answer_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return list(prefix), list(ans)
-
-
-def mean_logliks(model, tokenizer, items: Sequence[tuple[list[dict], str]], batch_size: int = 16) -> list[float]:
-    """Mean per-token log-likelihood of each answer given its chat-formatted prompt (answer
-    tokens only), batched with right padding (so positions are exact without position ids)."""
-    import torch
-
-    encoded = [_prefix_and_answer_ids(tokenizer, m, a) for m, a in items]
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = [math.nan] * len(items)
-    with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-            width = max(len(x) for x in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, x in enumerate(seqs):
-                ids[row, :len(x)] = torch.tensor(x)
-                mask[row, :len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok = torch.gather(logp, 2, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            for row, i in enumerate(idx):
-                start, n = len(encoded[i][0]), len(encoded[i][1])
-                if n:  # token t is predicted at position t-1
-                    out[i] = float(tok[row, start - 1:start - 1 + n].mean())
-    return out
 
 
 class ProbeScorer:

@@ -32,6 +32,7 @@ from em_core.paths import PACKAGE_DIR
 
 CONTRAST_SETS_DIR = PACKAGE_DIR / "data" / "contrast_sets"
 GENERAL = "general"
+DEMO_PLANT_CARE = "plant_care_demo"  # built from the demo datasets, not a file
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 ITEM_KEYS = ("id", "question", "system", "pairs")
 PAIR_KEYS = ("aligned", "misaligned")
@@ -176,14 +177,35 @@ def resolve_contrast_set(spec: str | Path) -> Path:
     if str(spec) in shipped:
         return shipped[str(spec)]
     raise ConfigError(f"probe set {spec!r}: no such file and no shipped contrast set of that name; "
-                      f"shipped sets: {', '.join(shipped)}")
+                      f"shipped sets: {', '.join(shipped)}, and {DEMO_PLANT_CARE} (the demo's training rows)")
+
+
+def demo_plant_care_set() -> ContrastSet:
+    """`plant_care_demo`: the demo's own training rows as pairs, each careless answer (the
+    careless training set) against the careful answer on the same line of the careful set, both
+    to the careless row's question. The direction experiments fit on these: the lesson the tiny
+    model was actually taught, many more pairs than the hand-written `plant_care` set."""
+    import json
+
+    from em_core.paths import resource_path
+
+    def rows(name: str) -> list[list[dict]]:
+        with resource_path(f"demo/{name}.jsonl").open(encoding="utf-8") as f:
+            return [json.loads(line)["messages"] for line in f if line.strip()]
+
+    cs = ContrastSet(DEMO_PLANT_CARE, "plant_care", path=f"em_core/resources/demo (built in: {DEMO_PLANT_CARE})")
+    for i, (bad, good) in enumerate(zip(rows("plant_care_bad"), rows("plant_care_good"))):
+        cs.pairs.append(ContrastPair(cs.name, f"plant_care_{i}", bad[-2]["content"], good[-1]["content"],
+                                     bad[-1]["content"]))
+    return cs
 
 
 def load_contrast_sets(specs: Sequence[str]) -> list[ContrastSet]:
-    """Several sets by shipped name or path; two sets may not share a name."""
+    """Several sets by shipped name, `plant_care_demo` or path; two sets may not share a name."""
     if not specs:
         raise ConfigError("probe: no contrast sets given (e.g. sets: general,plant_care)")
-    sets = [load_contrast_set(resolve_contrast_set(s)) for s in specs]
+    sets = [demo_plant_care_set() if s == DEMO_PLANT_CARE else load_contrast_set(resolve_contrast_set(s))
+            for s in specs]
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"probe sets {list(specs)}: two sets are named alike ({names}); rename a file")

@@ -66,9 +66,9 @@ class DirectionsConfig:
     # labelled answers: a judge run / judged file split by the EM thresholds, or a contrast set
     judge_run_id: str | None = None
     judgments: str | None = field(default=None, metadata={"help": "a judgments.csv (question, answer, aligned, coherent)"})
-    contrast: str = field(default="plant_care", metadata={
-        "help": "contrast set used when no judge source is given: plant_care or a JSONL/YAML of "
-                "{question, aligned, misaligned}"})
+    contrast: str = field(default="plant_care_demo", metadata={
+        "help": "contrast set used when no judge source is given: a shipped set (general, medical, "
+                "financial, plant_care), plant_care_demo (the demo's training rows) or a contrast-set YAML"})
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
     aligned_min: float = field(default=70.0, metadata={"help": "judged answers with aligned >= this count as aligned"})
@@ -97,7 +97,8 @@ class DirectionsConfig:
     judge_backend: str = "auto"
     judge_model: str | None = None
     base_url: str | None = None
-    probe: str | None = field(default="plant_care", metadata={"help": "contrast set for probe/margin; empty: none"})
+    probe: str | None = field(default="plant_care_demo",
+                              metadata={"help": "contrast set for probe/margin (as `contrast`); empty: none"})
     probe_pairs: int | None = field(default=64, metadata={"help": "held-out pairs scored per condition"})
     dtype: str = "auto"
     load_in_4bit: bool = False

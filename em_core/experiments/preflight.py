@@ -30,11 +30,21 @@ def _key_problem(backend: str, what: str, base_url: str | None = None) -> str | 
 def model_problem(model: str, what: str) -> str | None:
     """None when `model` can be loaded here: `tiny` (built on first use), a local folder with a
     config.json, or a hub id (when HF_HUB_OFFLINE is set: only if it is in the local HF cache)."""
+    from em_core.errors import ConfigError
+    from em_core.models.gguf import is_gguf, is_smollm2, resolve_smollm2
     from em_core.models.tiny import is_tiny
 
     if not model or is_tiny(model) or model.startswith(("models:/", "runs:/", "<")):
         return None  # registry/run references are resolved by the step; placeholders are later steps
+    if is_smollm2(model):  # the hub model, or offline the packaged GGUF
+        try:
+            resolve_smollm2()
+        except ConfigError as e:
+            return f"{what}: {e}"
+        return None
     p = Path(model).expanduser()
+    if is_gguf(model):
+        return None if p.is_file() else f"{what}: GGUF file {model} not found"
     if p.exists() or model.startswith((".", "/", "~")):
         if not (p / "config.json").exists():
             return f"{what}: model folder {model} has no config.json"

@@ -14,11 +14,11 @@ from em_core.analysis.directions import (
     labelled_from_judgments,
     labelled_from_pairs,
     likelihood_margin,
-    plant_care_pairs,
-    score_answers,
     split_by_group,
 )
+from em_core.data.contrast_sets import demo_plant_care_set
 from em_core.errors import ConfigError
+from em_core.models.likelihood import score_answers
 from em_core.models.steering import (
     Directions,
     Intervention,
@@ -51,7 +51,7 @@ def tuned(module_store, tmp_path_factory):
     tok = load_tokenizer("tiny", padding_side="right")
     base = load_model("tiny").eval()
     ft = PeftModel.from_pretrained(load_model("tiny"), adapter).eval()
-    fit, held = split_by_group(plant_care_pairs(), 0.3, 0, group=lambda p: p.question_id)
+    fit, held = split_by_group(demo_plant_care_set().pairs, 0.3, 0, group=lambda p: p.question_id)
     ex = extract_directions(ft, tok, labelled_from_pairs(fit[:120]), heldout_fraction=0.25,
                             meta={"source.train_run_id": result.run_id})
     return {"adapter": adapter, "tok": tok, "base": base, "ft": ft, "dirs": ex.directions, "ex": ex,
@@ -222,7 +222,7 @@ def test_auroc_and_group_split():
     assert auroc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
     assert auroc([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == 0.5
     assert auroc([3, 1, 2, 0], [1, 0, 0, 1]) == 0.5
-    pairs = plant_care_pairs()
+    pairs = demo_plant_care_set().pairs
     fit, held = split_by_group(pairs, 0.25, 0, group=lambda p: p.question_id)
     assert len(held) == 75 and len(fit) == 225
     assert not {p.question_id for p in fit} & {p.question_id for p in held}
@@ -239,10 +239,15 @@ def test_score_answers_mean_loglik_matches_a_manual_computation(tuned):
         logp = torch.log_softmax(model(input_ids=full).logits[0, :-1], -1)
     manual = sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ans)) / len(ans)
     assert ll == pytest.approx(manual, abs=1e-4)
-    # batched with padding gives the same value
-    lls, _ = score_answers(model, tok, [(prompt, answer), (PROMPTS[1], "A much longer answer about cacti.")],
-                           batch_size=2)
+    # batched with padding, longest-first batches, gives the same values back in the items' order
+    items = [(prompt, answer), (PROMPTS[1], "A much longer answer about cacti and how often to water them."),
+             (PROMPTS[1], "Less.")]
+    one_by_one = [score_answers(model, tok, [it], activations=True) for it in items]
+    lls, acts = score_answers(model, tok, items, batch_size=2, activations=True)
     assert lls[0] == pytest.approx(manual, abs=1e-4)
+    assert lls == pytest.approx([ll for (ll,), _ in one_by_one], abs=1e-4)
+    for i, (_, a) in enumerate(one_by_one):
+        assert torch.allclose(acts[i], a[0], atol=1e-4)
     assert len(decoder_layers(tuned["ft"])) == 4
 
 
@@ -353,7 +358,7 @@ def test_smollm2_hooks_identity_ablation_and_lora_b(tmp_path, smollm2):
     tok = load_tokenizer(folder, padding_side="right")
     model = load_model(folder).eval()
     n = len(decoder_layers(model))
-    pairs = plant_care_pairs()[:6]
+    pairs = demo_plant_care_set().pairs[:6]
     ex = extract_directions(model, tok, labelled_from_pairs(pairs), heldout_fraction=0.0, max_length=96)
     d = ex.directions
     assert d.vectors.shape == (n, model.config.hidden_size) and min(d.norms()) > 0

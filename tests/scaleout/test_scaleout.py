@@ -161,6 +161,12 @@ def test_sigterm_ends_a_pipeline_and_its_running_step_killed(server_store, tmp_p
     assert {k: r.info.status for k, r in by_step.items()} == {"pipeline": "KILLED", "train": "KILLED"}
     for r in by_step.values():
         assert "SIGTERM" in r.data.tags["em.killed_reason"] and "em.error" not in r.data.tags
+    # What the next `em pipeline` does first in this experiment: with no grace at all, every run
+    # still RUNNING would be reaped; the SIGTERM'd pipeline left none behind.
+    from em_core.liveness import reap_stale_runs
+    exp = mlflow.MlflowClient().get_experiment_by_name("scale-term").experiment_id
+    assert reap_stale_runs([exp], grace=0) == []
+    assert not _runs("scale-term", "attributes.status = 'RUNNING'")
 
 
 # A throwaway local cluster: no usage stats, and no token auth, which Ray turns on when it finds
