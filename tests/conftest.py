@@ -32,15 +32,42 @@ def pytest_sessionstart(session) -> None:
     """Build the tiny model once per session, before the first test starts (offline): into
     EM_LAB_TEST_CACHE when set (kept between sessions, reused when already built), else into a
     fresh cache. Built here rather than lazily inside whichever test first needs it -- or in a
-    fixture, whose setup pytest-timeout counts against the first test -- so no test pays for it."""
+    fixture, whose setup pytest-timeout counts against the first test -- so no test pays for it.
+
+    Under pytest-xdist (`-n 2`, the default in pyproject) this runs in the controller before
+    the workers start (xdist starts them in its own, later, sessionstart), and the cache path
+    reaches them through EM_LAB_TEST_CACHE, so the model is built once, not once per worker.
+    Each worker then runs torch on one thread: two workers on two threads each would
+    oversubscribe the two cores and run several times slower."""
     import tempfile
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # and for the processes the tests spawn
+        import torch
+
+        torch.set_num_threads(1)
     cache = Path(os.environ.get("EM_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="em-cache-"))
     os.environ["EM_LAB_CACHE"] = str(cache)
+    os.environ["EM_LAB_TEST_CACHE"] = str(cache)
     from em_core.models.tiny import tiny_model_path
 
     _CACHE["path"] = cache
     _CACHE["model"] = tiny_model_path(build=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """xdist groups (`--dist loadgroup`): a test module runs whole on one worker, so its
+    module-scoped fixtures (one training run that all its tests inspect) are built once; the
+    modules that use the converted SmolLM2 share one worker, so two workers never convert the
+    GGUF into the same cache at once."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    for module, its in modules.items():
+        group = "smollm2" if any("smollm2" in it.fixturenames for it in its) else module
+        for it in its:
+            if not it.get_closest_marker("xdist_group"):
+                it.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
