@@ -314,3 +314,40 @@ def build_from_files(paths: Sequence[str | Path], thresholds: BuildThresholds, g
                   f"aligned <= {thresholds.aligned_max}, both coherent > {thresholds.coherent_min}.")
         Path(out).write_text(contrast_set_yaml(pairs, group, header), encoding="utf-8")
     return counts
+
+
+# --------------------------------------------------------------------------- building from paired datasets
+
+def build_paired(misaligned_rows: Sequence[Mapping[str, Any]], aligned_rows: Sequence[Mapping[str, Any]],
+                 n: int, seed: int = 0, exclude_questions: Iterable[str] = (), set_name: str = "paired",
+                 where: tuple[str, str] = ("misaligned file", "aligned file")) -> list[ContrastPair]:
+    """Pairs from two training sets written line by line on the same questions (the Model
+    Organisms' bad/good medical advice are): line i's misaligned reply against line i's aligned
+    reply. `n` lines drawn with `seed`, skipping questions in `exclude_questions` (the rows a
+    model was trained on), so the set measures the narrow lesson on questions it never saw."""
+    if len(misaligned_rows) != len(aligned_rows):
+        raise DataError(where[0], f"has {len(misaligned_rows)} rows but {where[1]} has {len(aligned_rows)}",
+                        hint="--paired needs two files written line by line on the same questions")
+    excluded = set(exclude_questions)
+    lines = []
+    for i, (m, a) in enumerate(zip(misaligned_rows, aligned_rows), start=1):
+        mm, am = list(m["messages"]), list(a["messages"])
+        if [x["content"] for x in mm[:-1]] != [x["content"] for x in am[:-1]]:
+            raise DataError(where[1], f"line {i}: its prompt differs from line {i} of {where[0]}", i,
+                            hint="--paired needs two files written line by line on the same questions")
+        if mm[-1]["role"] != "assistant" or mm[-2]["role"] != "user":
+            continue  # multi-turn endings we cannot pose as one question
+        if mm[-2]["content"] not in excluded and mm[-1]["content"] != am[-1]["content"]:
+            lines.append(i)
+    if n < 1 or n > len(lines):
+        raise ConfigError(f"--n {n}: must be between 1 and the {len(lines)} usable line pairs")
+    import random
+
+    picked = sorted(random.Random(seed).sample(lines, n))
+    out = []
+    for i in picked:
+        mm, am = misaligned_rows[i - 1]["messages"], aligned_rows[i - 1]["messages"]
+        system = next((x["content"] for x in mm if x["role"] == "system"), None)
+        out.append(ContrastPair(set_name, f"line_{i}", mm[-2]["content"], am[-1]["content"], mm[-1]["content"],
+                                system))
+    return out

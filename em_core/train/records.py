@@ -42,3 +42,26 @@ def log_dataset(data: PreparedData) -> None:
     df = pd.DataFrame({"messages": [r["messages"] for r in data.train]})
     ds = mlflow.data.from_pandas(df, source=",".join(s.source for s in data.sources), name=data.name)
     mlflow.log_input(ds, context="training")
+
+
+def trained_questions(run_id: str) -> list[str]:
+    """The last user turn of every row a training run was given (train and eval split), rebuilt
+    from its logged config and checked against its logged rows hash: the questions a held-out
+    probe set must leave out. The rows themselves are not stored with the run."""
+    import mlflow
+
+    from em_core.configs import load_config
+    from em_core.data.training_data import prepare
+    from em_core.errors import ConfigError
+    from em_core.train.config import TrainConfig
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    logged = run.data.params.get("data.rows_sha256")
+    cfg = load_config(TrainConfig, mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT))
+    data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
+                   tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
+    if logged is None or data.sha256 != logged:
+        raise ConfigError(f"training run {run_id}: its rows cannot be rebuilt (logged rows_sha256 {logged}, "
+                          f"rebuilt {data.sha256}); the dataset changed or moved since it was trained")
+    return [next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user")
+            for r in [*data.train, *data.eval]]
