@@ -96,9 +96,9 @@ def main() -> None:
 
     n_pairs = sum(len(s.pairs) for s in sets)
     print(f"model={a.model} targets={len(adapters)} (base + {a.checkpoints} checkpoints)")
-    print(f"generation: {len(plan.prompts)} prompts x {a.new_tokens} new tokens per target: {gen_s:.2f} s "
+    print(f"generation: {len(plan.prompts)} prompts x {a.new_tokens} new tokens x {len(adapters)} targets: {gen_s:.2f} s "
           f"(+ {gen_load:.2f} s load)")
-    print(f"probe: {2 * n_pairs} answers ({n_pairs} pairs) per target: {probe_s:.2f} s (+ {probe_load:.2f} s load); "
+    print(f"probe: {2 * n_pairs} answers ({n_pairs} pairs) x {len(adapters)} targets: {probe_s:.2f} s (+ {probe_load:.2f} s load); "
           f"LoRA trajectory: {traj_s:.2f} s")
     ratio = (probe_s + traj_s) / gen_s
     print(f"probe + trajectory / generation = {ratio:.1%} (target <= 10%): {'PASS' if ratio <= 0.10 else 'MISS'}")

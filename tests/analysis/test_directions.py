@@ -248,6 +248,15 @@ def test_score_answers_mean_loglik_matches_a_manual_computation(tuned):
     assert lls == pytest.approx([ll for (ll,), _ in one_by_one], abs=1e-4)
     for i, (_, a) in enumerate(one_by_one):
         assert torch.allclose(acts[i], a[0], atol=1e-4)
+    # the prompt runs once and the answers on its cache: activations are still those of the full
+    # sequence, averaged over the answer tokens (layers before the last; the last gets the final norm)
+    with torch.no_grad():
+        hidden = model(input_ids=full, output_hidden_states=True).hidden_states
+    for layer in range(len(hidden) - 2):
+        assert torch.allclose(acts[0, layer], hidden[layer + 1][0, len(ids):].mean(0), atol=1e-4)
+    # truncation keeps the split of prompt and answer: max_length cuts into the answer here
+    (cut,), _ = score_answers(model, tok, [(prompt, answer)], max_length=len(ids) + 2)
+    assert cut == pytest.approx(sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ans[:2])) / 2, abs=1e-4)
     assert len(decoder_layers(tuned["ft"])) == 4
 
 
