@@ -30,11 +30,11 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
     """(mean per-token log-likelihood per item, activations [n, layers, hidden] or None), in the
     order of `items`; `max_length` truncates prompt + answer.
 
-    Items share prompts (a question's aligned and misaligned answers, a question's samples), and a
-    chat prompt with its default system turn is usually longer than the answer, so each distinct
-    prompt is run once (left-padded, its KV cache kept) and only the answers are run on top of it:
-    on SmolLM2 (whose template adds a default system turn: prompts ~48 tokens, answers ~20) that
-    is half the time of scoring every prompt + answer in full, with the same values to float error."""
+    Items share prompts (a question's aligned and misaligned answers, a question's samples), and
+    chat prompts are often longer than the answers, so each distinct prompt runs once (left-padded,
+    its KV cache kept) and only the answers run on top of it. On SmolLM2, whose template adds a
+    default system turn (prompts ~48 tokens, answers ~20), that halves the time of scoring every
+    prompt + answer in full, with the same values to float error."""
     import torch
     from transformers import DynamicCache
 
