@@ -149,7 +149,7 @@ def bench_eval(a) -> None:
     ours = res["ours"]["seconds"]
     print(f"[eval] SmolLM2-135M, base + {a.checkpoints} checkpoints x 13 core questions x {a.samples} samples, "
           f"{a.new_tokens} new tokens")
-    print(f"[eval] ours vs (a) reload + one prompt at a time: {res['reload']['seconds'] / ours:.1f}x  (target >= 5x)")
+    print(f"[eval] ours vs (a) reload + one prompt at a time: {res['reload']['seconds'] / ours:.2f}x  (target >= 5x)")
     print(f"[eval] ours vs (b) per-question num_return_sequences: {res['num_return']['seconds'] / ours:.2f}x  "
           f"(target >= 1.5x)")
     print(f"[eval] peak RSS ours / one model load: {res['ours']['peak_rss_mb'] / res['load']['peak_rss_mb']:.2f}  "
