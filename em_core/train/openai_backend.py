@@ -155,10 +155,9 @@ def job_hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
 
 def prepare_data(cfg: TrainConfig):
     """The training data exactly as the TRL path prepares it, plus the API's minimum size."""
-    from em_core.data.training_data import prepare
+    from em_core.train.records import training_rows
 
-    data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
-                   tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
+    data = training_rows(cfg)
     if len(data.train) < MIN_TRAINING_ROWS:
         raise DataError(",".join(cfg.dataset), f"{len(data.train)} training rows; the OpenAI fine-tuning API "
                         f"needs at least {MIN_TRAINING_ROWS}", hint="raise max_rows/dataset_rows or use more data")

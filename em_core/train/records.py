@@ -1,14 +1,22 @@
 """What every training backend (TRL, OpenAI) records the same way: the resolved config artifact,
-the dataset as params and an MLflow input, and the result handed to the next step."""
+the rows it trains on, the dataset as params and an MLflow input, and the result handed to the
+next step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from em_core import tracking
-from em_core.data.training_data import PreparedData
+from em_core.data.training_data import PreparedData, prepare
 from em_core.models.registry import set_alias as point_alias
 
 CONFIG_ARTIFACT = "config/train_config.yaml"
+
+
+def training_rows(cfg) -> PreparedData:
+    """The rows a TrainConfig trains on (train and eval split), the same for every backend and
+    for rebuilding a finished run's rows from its logged config."""
+    return prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
+                   tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
 
 
 @dataclass
@@ -51,15 +59,13 @@ def trained_questions(run_id: str) -> list[str]:
     import mlflow
 
     from em_core.configs import load_config
-    from em_core.data.training_data import prepare
     from em_core.errors import ConfigError
     from em_core.train.config import TrainConfig
 
     run = mlflow.MlflowClient().get_run(run_id)
     logged = run.data.params.get("data.rows_sha256")
     cfg = load_config(TrainConfig, mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT))
-    data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
-                   tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
+    data = training_rows(cfg)
     if logged is None or data.sha256 != logged:
         raise ConfigError(f"training run {run_id}: its rows cannot be rebuilt (logged rows_sha256 {logged}, "
                           f"rebuilt {data.sha256}); the dataset changed or moved since it was trained")

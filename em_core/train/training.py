@@ -19,7 +19,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from em_core import tracking
 from em_core.configs import load_config, to_yaml
 from em_core.console import is_verbose
-from em_core.data.training_data import prepare
 from em_core.errors import ConfigError
 from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
 from em_core.models.loading import (
@@ -32,7 +31,7 @@ from em_core.models.loading import (
 from em_core.paths import PROJECT_ROOT
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
-from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
+from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset, training_rows
 
 log = logging.getLogger(__name__)
 class MlflowMetrics(TrainerCallback):
@@ -369,8 +368,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
 
         tracking.configure_tracking()
         check_base(cfg.init_adapter, cfg.model)
-    data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
-                   tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
+    data = training_rows(cfg)
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
 
     tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
