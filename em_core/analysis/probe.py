@@ -10,6 +10,7 @@ adapter swapped in. The LoRA trajectory (lora_trajectory.py) comes from the same
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -67,6 +68,31 @@ class ProbeConfig:
             raise ConfigError("invalid probe config: " + "; ".join(problems))
 
 
+@contextlib.contextmanager
+def merged_while_scoring(model, active: bool):
+    """Fold the live LoRA adapter into the base weights for the duration, then take it out again.
+
+    Unmerged, every adapted linear runs two extra small matmuls and a dropout per call: on
+    SmolLM2 with an all-linear r16 adapter that made a checkpoint ~20% slower to score than the
+    base. Only fp32 weights are merged: W + dW - dW returns W to float32 rounding (~1e-7
+    relative), while in bf16/fp16 each checkpoint's round trip would leave visible error in the
+    base that later checkpoints inherit, and 4-bit weights cannot be merged exactly at all."""
+    import torch
+    from peft import PeftModel
+
+    lora = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")] \
+        if active and isinstance(model, PeftModel) else []
+    if not lora or any(getattr(m.base_layer, "weight", None) is None or m.base_layer.weight.dtype != torch.float32
+                       for m in lora):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
 class ProbeScorer:
     """The base model loaded once; each adapter swapped in for a batch of forward passes."""
 
@@ -81,7 +107,7 @@ class ProbeScorer:
 
     def score(self, adapter: str | None) -> dict[str, list[tuple[float, float]]]:
         """Set name -> (aligned, misaligned) mean log-likelihood per pair, for `adapter` (None = base)."""
-        with self._gen.use_adapter(adapter):
+        with self._gen.use_adapter(adapter), merged_while_scoring(self._gen.model, adapter is not None):
             lls = mean_logliks(self._gen.model, self._gen.tokenizer, self._items, self.batch_size)
         out: dict[str, list[tuple[float, float]]] = {}
         i = 0

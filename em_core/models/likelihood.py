@@ -25,16 +25,71 @@ def encode_item(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], 
     return list(prompt_ids) + list(answer_ids), len(prompt_ids)
 
 
+def _common_prefix(keys: Sequence[tuple[int, ...]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (its last position
+    predicts its answer's first token)."""
+    n = min(len(k) for k in keys) - 1
+    first = keys[0]
+    for k in keys[1:]:
+        n = next((j for j in range(n) if k[j] != first[j]), n)
+    return max(n, 0)
+
+
+def _prompt_caches(model, keys: Sequence[tuple[int, ...]], pad: int, device, batch_size: int):
+    """KV cache of every prompt in `keys`, one row each, its attention mask, and the
+    log-probabilities of the token after it (row i = keys[i]).
+
+    Row layout: the prefix all the prompts share, left padding, the rest of the prompt. The shared
+    prefix (a chat template's system turn: 24 of SmolLM2's ~48 prompt tokens) runs once and every
+    row attends to it; all rows have one width so answers of any prompt can share a batch."""
+    import torch
+    from transformers import DynamicCache
+
+    shared = _common_prefix(keys)
+    prefix = None
+    if shared:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([keys[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    width = max(len(k) for k in keys) - shared
+    kv_parts, masks, firsts = [], [], []
+    for s in range(0, len(keys), batch_size):
+        part = keys[s:s + batch_size]
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for row, key in enumerate(part):
+            own = key[shared:]
+            ids[row, width - len(own):] = torch.tensor(own)
+            mask[row, shared + width - len(own):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = None
+        if prefix:
+            cache = DynamicCache(ddp_cache_data=[(k.expand(len(part), -1, -1, -1), v.expand(len(part), -1, -1, -1))
+                                                 for k, v in prefix], config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        firsts.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+        kv_parts.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        masks.append(mask)
+    kv = [(torch.cat([p[j][0] for p in kv_parts]), torch.cat([p[j][1] for p in kv_parts]))
+          for j in range(len(kv_parts[0]))]
+    return kv, torch.cat(masks), torch.cat(firsts)
+
+
 def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 16,
-                  activations: bool = False, max_length: int | None = None):
+                  activations: bool = False, max_length: int | None = None, chunk_answers: int = 512):
     """(mean per-token log-likelihood per item, activations [n, layers, hidden] or None), in the
     order of `items`; `max_length` truncates prompt + answer.
 
     Items share prompts (a question's aligned and misaligned answers, a question's samples), and
-    chat prompts are often longer than the answers, so each distinct prompt runs once (left-padded,
-    its KV cache kept) and only the answers run on top of it. On SmolLM2, whose template adds a
-    default system turn (prompts ~48 tokens, answers ~20), that halves the time of scoring every
-    prompt + answer in full, with the same values to float error."""
+    chat prompts are often longer than the answers, so each distinct prompt runs once, the prefix
+    all prompts share once (_prompt_caches), and only the answers run on top of the cache, in
+    batches of similar length across prompts. On SmolLM2 (prompts ~48 tokens of which 24 are the
+    default system turn, answers ~20) that is a third of the positions of scoring every prompt +
+    answer in full, with the same values to float error. Prompts are cached `chunk_answers`
+    answers' worth at a time, which bounds the cache's memory."""
     import torch
     from transformers import DynamicCache
 
@@ -51,28 +106,17 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
         answers.append(seq[n:])
     lls: list[float] = [float("nan")] * len(items)
     acts = None
-    # Chunks of whole prompts, longest first, about `batch_size` answers each.
+    # Chunks of whole prompts of similar length (longest first), up to `chunk_answers` answers each.
     chunks: list[list[tuple[int, ...]]] = [[]]
     count = 0
     for key in sorted(prompts, key=lambda k: -len(k)):
-        if chunks[-1] and count + len(prompts[key]) > batch_size:
+        if chunks[-1] and count + len(prompts[key]) > max(chunk_answers, batch_size):
             chunks.append([])
             count = 0
         chunks[-1].append(key)
         count += len(prompts[key])
     for chunk in chunks:
-        wp = max(len(k) for k in chunk)
-        p_ids = torch.full((len(chunk), wp), pad, dtype=torch.long)
-        p_mask = torch.zeros_like(p_ids)
-        for row, key in enumerate(chunk):  # left-padded: every row's last position is its last token
-            p_ids[row, wp - len(key):] = torch.tensor(key)
-            p_mask[row, wp - len(key):] = 1
-        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        with torch.no_grad():
-            out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each answer's first token
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv, p_mask, first = _prompt_caches(model, chunk, pad, device, batch_size)
         members = sorted(((row, i) for row, key in enumerate(chunk) for i in prompts[key]),
                          key=lambda m: -len(answers[m[1]]))  # less padding in the answer batches
         for s in range(0, len(members), batch_size):

@@ -76,3 +76,37 @@ def test_two_phase_run_turns_at_the_switch(module_store, tmp_path):
     turns = {s: round(m["lora/all/turn_deg"], 1) for s, m in result.metrics_by_step.items() if "lora/all/turn_deg" in m}
     print("turn angles by checkpoint:", turns, "transition:", result.transition_step)
     assert abs(result.transition_step - 12) <= 3, turns
+
+
+def test_scoring_a_merged_adapter_equals_scoring_it_unmerged_and_restores_the_base(careless, tmp_path):
+    """The scorer folds each checkpoint's adapter into fp32 base weights while it scores (faster on
+    a CPU) and takes it out again: same log-likelihoods as the unmerged adapter, same base after."""
+    import torch
+
+    from em_core.analysis.probe import ProbeScorer, merged_while_scoring
+    from em_core.data.contrast_sets import load_contrast_sets
+    from em_core.models.likelihood import mean_logliks
+    from em_core.sample.evaluation import EvalConfig, resolve_targets
+
+    run, _ = careless
+    base_id, targets, _ = resolve_targets(EvalConfig(model="tiny", train_run_id=run.run_id), tmp_path)
+    adapters = [t.adapter for t in targets if t.adapter]
+    scorer = ProbeScorer(base_id, load_contrast_sets(["plant_care"]))
+    before = {k: v.clone() for k, v in scorer._gen.base.state_dict().items()}
+    base_scores = scorer.score(None)
+    merged = [scorer.score(a) for a in adapters]
+    gen = scorer._gen
+    for a, got in zip(adapters, merged):
+        with gen.use_adapter(a):  # unmerged: LoRA layers run beside the base weights
+            lls = mean_logliks(gen.model, gen.tokenizer, scorer._items)
+        assert [x for pair in got["plant_care"] for x in pair] == pytest.approx(lls, abs=1e-4)
+    with gen.use_adapter(adapters[-1]), merged_while_scoring(gen.model, True):
+        lora = [m for m in gen.model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
+        assert lora and all(m.merged for m in lora)
+    assert not any(m.merged for m in lora)
+    # the LoRA wrappers renamed the adapted weights (q_proj.weight -> q_proj.base_layer.weight)
+    after = {k.replace(".base_layer", ""): v for k, v in scorer._gen.base.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    assert max(float((after[k] - v).abs().max()) for k, v in before.items()) < 1e-5
+    flat = lambda scores: [x for pairs in scores.values() for pair in pairs for x in pair]  # noqa: E731
+    assert flat(scorer.score(None)) == pytest.approx(flat(base_scores), abs=1e-5)
