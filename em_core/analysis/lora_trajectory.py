@@ -74,11 +74,18 @@ def _core(f: LoraFactors) -> tuple[np.ndarray, np.ndarray]:
     return qb, f.scale * rb @ ra.T
 
 
-def top_direction(f: LoraFactors) -> tuple[np.ndarray, float]:
-    """(top left singular vector, top singular value) of scale * B A."""
+def module_analysis(f: LoraFactors) -> tuple[np.ndarray, dict[str, float]]:
+    """(top left singular vector of scale * B A, its statistics) from one small SVD."""
     qb, core = _core(f)
     u, s, _ = np.linalg.svd(core)
-    return qb @ u[:, 0], float(s[0])
+    return qb @ u[:, 0], {"a_norm": float(np.linalg.norm(f.a)), "b_norm": float(np.linalg.norm(f.b)),
+                          "delta_norm": float(np.linalg.norm(s)), "top_sv": float(s[0])}  # ||scale B A||_F = ||s||
+
+
+def top_direction(f: LoraFactors) -> tuple[np.ndarray, float]:
+    """(top left singular vector, top singular value) of scale * B A."""
+    d, st = module_analysis(f)
+    return d, st["top_sv"]
 
 
 def _abs_cos(u: np.ndarray, v: np.ndarray) -> float:
@@ -89,10 +96,7 @@ def _abs_cos(u: np.ndarray, v: np.ndarray) -> float:
 
 
 def module_stats(f: LoraFactors) -> dict[str, float]:
-    _, core = _core(f)
-    s = np.linalg.svd(core, compute_uv=False)
-    return {"a_norm": float(np.linalg.norm(f.a)), "b_norm": float(np.linalg.norm(f.b)),
-            "delta_norm": float(np.linalg.norm(s)), "top_sv": float(s[0])}  # ||scale B A||_F = ||s||
+    return module_analysis(f)[1]
 
 
 def layer_of(module: str) -> str:
@@ -188,8 +192,12 @@ def pca_of_b(factors_by_step: Mapping[int, Mapping[str, LoraFactors]], k: int = 
     names = sorted(factors_by_step[steps[-1]])
     x = np.stack([np.concatenate([factors_by_step[s][n].b.ravel() for n in names]) for s in steps])
     x = x - x.mean(axis=0, keepdims=True)
-    u, sv, _ = np.linalg.svd(x, full_matrices=False)
-    var = sv ** 2
+    # checkpoints x parameters: the few-by-few Gram matrix has the same spectrum as an SVD of x
+    # and costs one pass over x
+    var, u = np.linalg.eigh(x @ x.T)
+    order = np.argsort(var)[::-1]
+    var, u = np.clip(var[order], 0.0, None), u[:, order]
+    sv = np.sqrt(var)
     k = min(k, len(sv))
     share = (var / var.sum()).tolist() if var.sum() > 0 else [math.nan] * len(sv)
     return {"steps": steps, "explained_variance_ratio": share[:k],
@@ -200,14 +208,15 @@ def trajectory(adapters: Mapping[int, str | Path]) -> Trajectory:
     """The trajectory of the adapters at `adapters` (step -> adapter folder)."""
     steps = sorted(adapters)
     factors = {s: load_factors(adapters[s]) for s in steps}
-    directions = {s: {n: top_direction(f)[0] for n, f in factors[s].items()} for s in steps}
+    analysed = {s: {n: module_analysis(f) for n, f in factors[s].items()} for s in steps}
+    directions = {s: {n: d for n, (d, _) in analysed[s].items()} for s in steps}
     final = directions[steps[-1]] if steps else {}
     modules: dict[int, dict[str, dict[str, float]]] = {}
     groups: dict[int, dict[str, dict[str, float]]] = {}
     for i, s in enumerate(steps):
         per: dict[str, dict[str, float]] = {}
-        for n, f in factors[s].items():
-            st = module_stats(f)
+        for n in factors[s]:
+            st = dict(analysed[s][n][1])
             prev = directions[steps[i - 1]].get(n) if i > 0 else None
             st["cos_prev"] = _abs_cos(directions[s][n], prev) if prev is not None else math.nan
             st["cos_final"] = _abs_cos(directions[s][n], final[n]) if n in final else math.nan

@@ -89,3 +89,18 @@ def test_report_notes_spearman_and_plot_draws_all_three_panels(tmp_path):
     merged = {s: {**judge[s], **signals[s]} for s in judge}
     png = plot_signals_vs_step(merged, tmp_path / "s.png", em_emergence_step=8, lora_transition_step=8).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_pca_of_b_matches_a_dense_svd_of_the_centred_b_trajectory():
+    from em_core.analysis.lora_trajectory import pca_of_b
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 5))
+    bs = {s: rng.normal(size=(7, 2)) * s for s in (2, 4, 6, 8)}
+    pca = pca_of_b({s: {"m": LoraFactors(a, b, 1.0)} for s, b in bs.items()})
+    x = np.stack([bs[s].ravel() for s in sorted(bs)])
+    u, sv, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert pca["steps"] == [2, 4, 6, 8]
+    assert pca["explained_variance_ratio"] == pytest.approx((sv ** 2 / (sv ** 2).sum())[:3].tolist())
+    for i, s in enumerate(sorted(bs)):  # each component's sign is arbitrary
+        assert np.abs(pca["coords"][s]) == pytest.approx(np.abs(u[i, :3] * sv[:3]), abs=1e-9)
