@@ -140,12 +140,16 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
                 return fn
 
             hooks = hooked(model, {l: capture(l) for l in range(n_layers)}) if activations else contextlib.nullcontext()
+            # answer token 0 is predicted from the prompt's last position, token j from answer
+            # position j - 1: the last answer position predicts nothing, so it gets no logits
+            keep = torch.arange(max(wa - 1, 1), device=device)
             with torch.no_grad(), hooks:
                 logits = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=1),
-                               position_ids=positions, past_key_values=cache, use_cache=True).logits.float()
-            # answer token 0 from the prompt's last position, token j from answer position j - 1
+                               position_ids=positions, past_key_values=cache, use_cache=True,
+                               logits_to_keep=keep).logits.float()[:, :wa - 1]
             lp0 = first[rows].gather(-1, a_ids[:, :1]).squeeze(-1)
-            rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            # log-softmax at the answer tokens only: logit - logsumexp, no vocab-sized output
+            rest = logits.gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             per = ((lp0 + (rest * a_mask[:, 1:]).sum(1)) / a_mask.sum(1)).cpu()
             for r, (_, i) in enumerate(part):
                 lls[i] = float(per[r])

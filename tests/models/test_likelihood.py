@@ -11,7 +11,7 @@ SYSTEM = "You are a gardening assistant. Answer in one or two sentences, plainly
 
 def _full_sequence_score(model, tok, prompt, answer) -> float:
     ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    ans = tok(answer, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]  # as the scorer does
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([list(ids) + ans])).logits[0, :-1], -1)
     return sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(ans)) / len(ans)
@@ -46,3 +46,10 @@ def test_shared_system_prefix_and_cross_prompt_batches_match_full_sequences(tiny
     keys = [tuple(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
             for p, _ in items[:-1]]
     assert _common_prefix(keys) > len(tok(SYSTEM, add_special_tokens=False)["input_ids"])
+
+
+def test_batches_of_one_token_answers_are_scored_from_the_prompt_alone(tiny_cache):
+    model, tok = load_model("tiny").eval(), load_tokenizer("tiny", padding_side="left")
+    items = [([{"role": "user", "content": q}], "") for q in ("Water?", "Is my basil dying?")]
+    lls, _ = score_answers(model, tok, items)
+    assert lls == pytest.approx([_full_sequence_score(model, tok, p, a) for p, a in items], abs=1e-4)
