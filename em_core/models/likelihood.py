@@ -87,7 +87,7 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
     chat prompts are often longer than the answers, so each distinct prompt runs once, the prefix
     all prompts share once (_prompt_caches), and only the answers run on top of the cache, in
     batches of similar length across prompts. On SmolLM2 (prompts ~48 tokens of which 24 are the
-    default system turn, answers ~20) that is a third of the positions of scoring every prompt +
+    default system turn, answers ~20) that is ~40% of the positions of scoring every prompt +
     answer in full, with the same values to float error. Prompts are cached `chunk_answers`
     answers' worth at a time, which bounds the cache's memory."""
     import torch
