@@ -95,10 +95,6 @@ def _abs_cos(u: np.ndarray, v: np.ndarray) -> float:
     return float(min(1.0, abs(u @ v) / (nu * nv)))
 
 
-def module_stats(f: LoraFactors) -> dict[str, float]:
-    return module_analysis(f)[1]
-
-
 def layer_of(module: str) -> str:
     m = _LAYER.search(module)
     return f"layer{int(m.group(1)):02d}" if m else "other"
