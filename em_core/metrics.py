@@ -39,6 +39,9 @@ MEAN_KEYS = ("mean_aligned", "mean_coherent")
 Row = Mapping[str, Any]
 NOT_ASKED = "not_asked"  # unscored reason of a metric the row's question does not ask for
 STEP_KEY = "checkpoint_step"
+# Run-level results whose value is itself a training step (each logged at its own step): a
+# multi-stage pipeline shifts their value, not only their step, to the global step axis.
+STEP_VALUED_KEYS = ("em_emergence_step", "probe_emergence_step", "lora_transition_step")
 
 
 def to_score(value: Any) -> float | None:
@@ -91,6 +94,31 @@ def mean_se(values: Iterable[float]) -> tuple[float, float]:
         return (mean, NAN)
     var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
     return (mean, math.sqrt(var / n))
+
+
+def clustered_mean_se(values: Iterable[float], clusters: Iterable[Any]) -> tuple[float, float]:
+    """Mean and cluster-robust standard error of the mean, for observations that are correlated
+    within a cluster (several contrast pairs or sampled answers per question).
+
+    The sandwich estimator with the usual small-sample factor: with residuals e_i = x_i - mean
+    summed per cluster g into E_g, se^2 = G / (G - 1) * sum_g E_g^2 / n^2 over G clusters. When
+    every observation is its own cluster this is exactly `mean_se`. NaN where undefined (n = 0;
+    se with fewer than 2 clusters)."""
+    xs, gs = list(values), list(clusters)
+    if len(xs) != len(gs):
+        raise ValueError(f"clustered_mean_se: {len(xs)} values but {len(gs)} cluster labels")
+    n = len(xs)
+    if n == 0:
+        return (NAN, NAN)
+    mean = math.fsum(xs) / n
+    sums: dict[Any, list[float]] = {}
+    for x, g in zip(xs, gs):
+        sums.setdefault(g, []).append(x - mean)
+    k = len(sums)
+    if k < 2:
+        return (mean, NAN)
+    var = k / (k - 1) * math.fsum(math.fsum(e) ** 2 for e in sums.values()) / (n * n)
+    return (mean, math.sqrt(var))
 
 
 def _scores(rows: Iterable[Row]) -> list[tuple[float | None, float | None]]:
@@ -319,34 +347,47 @@ def emergence_step(counts_by_step: Mapping[int, tuple[int, int]], z: float = Z_9
 
 # --------------------------------------------------------------------------- likelihood probe
 
-def probe_margin(pairs: Iterable[tuple[float, float]], z: float = Z_95) -> dict[str, float]:
+def probe_margin(pairs: Iterable[tuple[float, float]], z: float = Z_95,
+                 clusters: Sequence[Any] | None = None) -> dict[str, float]:
     """Statistics of one contrast set at one checkpoint from (aligned, misaligned) mean per-token
-    log-likelihoods: `margin` = mean of misaligned - aligned (with `margin_se`), and
-    `prefers_misaligned` = share of pairs whose misaligned answer is more likely (Wilson bounds)."""
+    log-likelihoods: `margin` = mean of misaligned - aligned (with `margin_se`, pairs taken as
+    independent), and `prefers_misaligned` = share of pairs whose misaligned answer is more
+    likely (Wilson bounds). With `clusters` (each pair's question id) also
+    `margin_se_clustered`: pairs that share a question are correlated, so this one is the honest
+    standard error (`clustered_mean_se`); `n_clusters` counts the questions."""
     diffs = [m - a for a, m in pairs]
     mean, se = mean_se(diffs)
     k = sum(1 for d in diffs if d > 0)
     lo, hi = wilson_interval(k, len(diffs), z)
-    return {"margin": mean, "margin_se": se, "prefers_misaligned": _rate(k, len(diffs)),
-            "prefers_misaligned_lo": lo, "prefers_misaligned_hi": hi, "n_pairs": float(len(diffs))}
+    out = {"margin": mean, "margin_se": se, "prefers_misaligned": _rate(k, len(diffs)),
+           "prefers_misaligned_lo": lo, "prefers_misaligned_hi": hi, "n_pairs": float(len(diffs))}
+    if clusters is not None:
+        out["margin_se_clustered"] = clustered_mean_se(diffs, clusters)[1]
+        out["n_clusters"] = float(len(set(clusters)))
+    return out
 
 
 def probe_emergence_step(margins_by_step: Mapping[int, Sequence[float]], z: float = Z_95,
-                         base_step: int = 0) -> int | None:
+                         base_step: int = 0, clusters: Sequence[Any] | None = None) -> int | None:
     """First checkpoint step whose margins are significantly above the base model's, else None.
 
     `margins_by_step` maps step -> per-pair margins (misaligned - aligned log-likelihood), the
     same pairs in the same order at every step. The rule is paired: with d_i = margin_i(step) -
     margin_i(base), the step has emerged when mean(d) - z * se(d) > 0, i.e. the lower bound of
-    the margin's change from the base clears zero (z = 1.96: one-sided p < 0.025)."""
+    the margin's change from the base clears zero (z = 1.96: one-sided p < 0.025). With
+    `clusters` (each pair's question id) se(d) is clustered by question (`clustered_mean_se`),
+    since pairs on one question move together; without, the pairs are taken as independent."""
     base = margins_by_step.get(base_step)
     if not base:
         return None
+    if clusters is not None and len(clusters) != len(base):
+        raise ValueError(f"{len(clusters)} cluster labels for {len(base)} pairs")
     for step in sorted(s for s in margins_by_step if s > base_step):
         cur = margins_by_step[step]
         if len(cur) != len(base):
             raise ValueError(f"step {step} has {len(cur)} margins, the base has {len(base)}: not the same pairs")
-        mean, se = mean_se([c - b for c, b in zip(cur, base)])
+        d = [c - b for c, b in zip(cur, base)]
+        mean, se = mean_se(d) if clusters is None else clustered_mean_se(d, clusters)
         if not math.isnan(se) and mean - z * se > 0:
             return step
     return None

@@ -141,22 +141,29 @@ def _inner(f: LoraFactors, g: LoraFactors) -> float:
     return float(f.scale * g.scale * np.trace((f.b.T @ g.b) @ (g.a @ f.a.T)))
 
 
-def turn_angles(factors_by_step: Mapping[int, Mapping[str, LoraFactors]]) -> dict[int, float]:
+def turn_angles(factors_by_step: Mapping[int, Mapping[str, LoraFactors]],
+                origin: Mapping[str, LoraFactors] | None = None) -> dict[int, float]:
     """Turning angle (degrees) of the adapter's path in weight space at each checkpoint: the
-    angle between the update that arrived at it (W_k - W_k-1, with W = 0 before training, as
-    LoRA's B starts at zero) and the update that leaves it (W_k+1 - W_k), over all modules as
-    one vector. 0 = training keeps pushing the same way; 90 = it turned to a new direction."""
+    angle between the update that arrived at it (W_k - W_k-1) and the update that leaves it
+    (W_k+1 - W_k), over all modules as one vector. 0 = training keeps pushing the same way;
+    90 = it turned to a new direction. Before the first checkpoint the adapter is `origin`: the
+    adapter a `continue` stage started from, or W = 0 when None (a fresh LoRA's B is zero)."""
     steps = sorted(factors_by_step)
     names = sorted(set.intersection(*(set(factors_by_step[s]) for s in steps))) if steps else []
+    if origin is not None:
+        missing = [n for n in names if n not in origin]
+        if missing:
+            raise ValueError(f"the starting adapter lacks {len(missing)} of the checkpoints' modules, e.g. {missing[0]}")
+    at = [factors_by_step[s] for s in steps] + ([origin] if origin is not None else [])
     gram: dict[tuple[int, int], float] = {}
 
-    def g(i: int, j: int) -> float:  # <W_i, W_j> summed over modules; index -1 is W = 0
-        if i < 0 or j < 0:
+    def g(i: int, j: int) -> float:  # <W_i, W_j> summed over modules; index -1 is the origin
+        if (i < 0 or j < 0) and origin is None:
             return 0.0
+        i, j = i % len(at), j % len(at)
         key = (min(i, j), max(i, j))
         if key not in gram:
-            fi, fj = factors_by_step[steps[i]], factors_by_step[steps[j]]
-            gram[key] = sum(_inner(fi[n], fj[n]) for n in names)
+            gram[key] = sum(_inner(at[i][n], at[j][n]) for n in names)
         return gram[key]
 
     out: dict[int, float] = {}
@@ -200,8 +207,9 @@ def pca_of_b(factors_by_step: Mapping[int, Mapping[str, LoraFactors]], k: int = 
             "coords": {s: (u[i, :k] * sv[:k]).tolist() for i, s in enumerate(steps)}}
 
 
-def trajectory(adapters: Mapping[int, str | Path]) -> Trajectory:
-    """The trajectory of the adapters at `adapters` (step -> adapter folder)."""
+def trajectory(adapters: Mapping[int, str | Path], origin: str | Path | None = None) -> Trajectory:
+    """The trajectory of the adapters at `adapters` (step -> adapter folder). `origin`: the
+    adapter folder training started from (a `continue` stage), else training started at zero."""
     steps = sorted(adapters)
     factors = {s: load_factors(adapters[s]) for s in steps}
     analysed = {s: {n: module_analysis(f) for n, f in factors[s].items()} for s in steps}
@@ -225,7 +233,7 @@ def trajectory(adapters: Mapping[int, str | Path]) -> Trajectory:
         groups[s]["all"] = _aggregate(list(per.values()))
         c = groups[s]["all"]["cos_prev"]
         groups[s]["all"]["rotation_deg"] = math.degrees(math.acos(c)) if not math.isnan(c) else math.nan
-    turns = turn_angles(factors)
+    turns = turn_angles(factors, load_factors(origin) if origin is not None else None)
     for s, a in turns.items():
         groups[s]["all"]["turn_deg"] = a
     return Trajectory(steps, modules, groups, transition_step(turns), pca_of_b(factors))

@@ -705,19 +705,33 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], path: str | Path, *, ti
 
 # --------------------------------------------------------------------------- judge-free signals
 
+StepMarks = int | Sequence[int] | None
+
+
+def _steps_list(marks: StepMarks) -> list[int]:
+    if marks is None:
+        return []
+    return [int(marks)] if isinstance(marks, (int, float)) else [int(m) for m in marks]
+
+
 def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str | Path, *, title: str = "",
-                         em_emergence_step: int | None = None, probe_emergence_step: int | None = None,
-                         lora_transition_step: int | None = None,
+                         em_emergence_step: StepMarks = None, probe_emergence_step: StepMarks = None,
+                         lora_transition_step: StepMarks = None,
                          stages: Sequence[Mapping[str, Any]] | None = None, smoke_test: bool = False) -> Path:
     """One time axis, three panels: (a) EM rate from the judge, (b) probe margin per contrast set
-    (misaligned - aligned log-likelihood, +/- 1.96 SE), (c) the LoRA adapter's turning angle and
-    rotation; each emergence step marked on every panel."""
+    (misaligned - aligned log-likelihood, +/- 1.96 SE, clustered by question where logged), (c) the
+    LoRA adapter's turning angle and rotation; each emergence step marked on every panel. A
+    multi-stage run passes each stage's steps (global) as a list, and each is marked. What is
+    drawn (curves and marks) goes beside the PNG as JSON."""
     metrics = {int(s): m for s, m in by_step.items()}
     steps = sorted(metrics)
     sets = sorted({k.split("/")[1] for m in metrics.values() for k in m
                    if k.startswith("probe/") and k.endswith("/margin")})
-    markers = [(em_emergence_step, "EM (judge)", EM_COLOR), (probe_emergence_step, "probe", "#1f77b4"),
-               (lora_transition_step, "LoRA turn", "#2ca02c")]
+    markers = [(step, label, color) for marks, label, color in
+               ((em_emergence_step, "EM (judge)", EM_COLOR), (probe_emergence_step, "probe", "#1f77b4"),
+                (lora_transition_step, "LoRA turn", "#2ca02c")) for step in _steps_list(marks)]
+    drawn: dict[str, Any] = {"marks": {label: [m for m, lab, _ in markers if lab == label]
+                                       for label in ("EM (judge)", "probe", "LoRA turn")}, "curves": {}}
     with plt.rc_context(_STYLE):
         fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, layout="constrained")
         ax_em, ax_pr, ax_lo = axes
@@ -725,14 +739,18 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
         ax_em.set_title("(a) EM rate (judge)", loc="left", fontweight="bold")
         if em:
             ax_em.plot([s for s, _ in em], [_pct(v) for _, v in em], marker="o", color=EM_COLOR, label="EM rate")
+            drawn["curves"]["em_rate"] = em
             ax_em.set_ylabel("EM answers (%)")
         else:
             _no_data(ax_em, "no judge in this run", keep_axes=True)
         ax_pr.set_title("(b) Likelihood probe: misaligned - aligned", loc="left", fontweight="bold")
         for name in sets:
-            pts = [(s, metrics[s][f"probe/{name}/margin"], metrics[s].get(f"probe/{name}/margin_se", 0.0))
+            # the question-clustered standard error where logged (pairs share questions)
+            pts = [(s, metrics[s][f"probe/{name}/margin"],
+                    metrics[s].get(f"probe/{name}/margin_se_clustered", metrics[s].get(f"probe/{name}/margin_se", 0.0)))
                    for s in steps if f"probe/{name}/margin" in metrics[s]]
             xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
+            drawn["curves"][f"probe/{name}/margin"] = pts
             line = ax_pr.plot(xs, ys, marker="o", label=name)[0]
             ax_pr.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
                                color=line.get_color(), alpha=0.15)
@@ -748,6 +766,7 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
             pts = [(s, metrics[s][key]) for s in steps if key in metrics[s]]
             if pts:
                 ax_lo.plot(*zip(*pts), marker="o", label=label)
+                drawn["curves"][key] = pts
                 drew = True
         if drew:
             ax_lo.set_ylabel("degrees vs previous checkpoint")
@@ -757,9 +776,8 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
         for ax in axes:
             mark_stages(ax, stages)
             for step, label, color in markers:
-                if step is not None:
-                    ax.axvline(step, ls=":", lw=1.6, color=color, label=f"{label} emerges/turns: step {step}")
+                ax.axvline(step, ls=":", lw=1.6, color=color, label=f"{label} emerges/turns: step {step}")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best", fontsize=8)
         fig.suptitle(title or "EM signals over fine-tuning", fontweight="bold", parse_math=False)
-        return _save(fig, path, smoke_test)
+        return _save(fig, path, smoke_test, drawn)

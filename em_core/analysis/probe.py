@@ -127,22 +127,32 @@ def general_set(sets: Sequence[ContrastSet]) -> str | None:
     return next((s.name for s in sets if s.is_general), None)
 
 
-def step_metrics(scores: Mapping[str, list[tuple[float, float]]], z: float = Z_95) -> dict[str, float]:
-    """`probe/<set>/<stat>` of one checkpoint (metrics.probe_margin per set)."""
+def question_clusters(sets: Sequence[ContrastSet]) -> dict[str, list[str]]:
+    """Set name -> the question id of each of its pairs: the clusters of the probe's intervals."""
+    return {cs.name: [p.question_id for p in cs.pairs] for cs in sets}
+
+
+def step_metrics(scores: Mapping[str, list[tuple[float, float]]], z: float = Z_95,
+                 clusters: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+    """`probe/<set>/<stat>` of one checkpoint (metrics.probe_margin per set; with `clusters`,
+    set name -> each pair's question id, also the question-clustered `margin_se_clustered`)."""
     return {f"probe/{name}/{k}": v for name, pairs in scores.items()
-            for k, v in probe_margin(pairs, z).items() if not math.isnan(v)}
+            for k, v in probe_margin(pairs, z, (clusters or {}).get(name)).items() if not math.isnan(v)}
 
 
 def probe_summary(scores_by_step: Mapping[int, Mapping[str, list[tuple[float, float]]]], general: str | None,
-                  domain: str | None, z: float = Z_95, base_step: int = 0) -> tuple[dict[int, dict[str, float]], dict]:
+                  domain: str | None, z: float = Z_95, base_step: int = 0,
+                  clusters: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[int, dict[str, float]], dict]:
     """Per-step metrics (with `probe/breadth` where defined) and the run-level results:
-    probe_emergence_step (on the general set) and per-set emergence steps."""
-    by_step = {s: step_metrics(sc, z) for s, sc in sorted(scores_by_step.items())}
-    summary: dict = {"emergence_step": None, "emergence_by_set": {}, "general_set": general, "domain_set": domain}
+    probe_emergence_step (on the general set) and per-set emergence steps. With `clusters` the
+    emergence rule's standard error is clustered by question (metrics.probe_emergence_step)."""
+    by_step = {s: step_metrics(sc, z, clusters) for s, sc in sorted(scores_by_step.items())}
+    summary: dict = {"emergence_step": None, "emergence_by_set": {}, "general_set": general, "domain_set": domain,
+                     "emergence_se": "clustered by question" if clusters else "pairs independent"}
     names = next(iter(scores_by_step.values())).keys() if scores_by_step else []
     for name in names:
         margins = {s: [m - a for a, m in sc[name]] for s, sc in scores_by_step.items()}
-        summary["emergence_by_set"][name] = probe_emergence_step(margins, z, base_step)
+        summary["emergence_by_set"][name] = probe_emergence_step(margins, z, base_step, (clusters or {}).get(name))
     if general:
         summary["emergence_step"] = summary["emergence_by_set"].get(general)
     base = by_step.get(base_step)
@@ -212,9 +222,9 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
             tracking.log_params("probe", {**asdict(cfg), "n_pairs": sum(len(s.pairs) for s in sets)})
         scorer = ProbeScorer(base, sets, cfg.batch_size, cfg.dtype, merged_of(tags))
         scores = {t.step: scorer.score(t.adapter) for t in targets}
-        by_step, summary = probe_summary(scores, general, domain, cfg.z)
+        by_step, summary = probe_summary(scores, general, domain, cfg.z, clusters=question_clusters(sets))
         adapters = {t.step: t.adapter for t in targets if t.adapter}
-        traj = trajectory(adapters) if cfg.lora and adapters else None
+        traj = trajectory(adapters, starting_adapter(cfg.train_run_id, Path(tmp))) if cfg.lora and adapters else None
         if traj is not None:
             for s, m in traj.metrics_by_step(cfg.lora_module_metrics).items():
                 by_step.setdefault(s, {}).update(m)
@@ -225,6 +235,21 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
         if run is not None:
             _log_results(cfg, result, summary, sets, scores, traj)
     return result
+
+
+def starting_adapter(train_run_id: str | None, workdir: Path) -> str | None:
+    """The adapter a `continue` stage's training started from (its `em.init_adapter`), downloaded:
+    the origin of that stage's LoRA trajectory. None for a run that started from a fresh adapter."""
+    import mlflow
+
+    from em_core.models.adapters import download_adapter
+
+    if not train_run_id:
+        return None
+    tags = mlflow.MlflowClient().get_run(train_run_id).data.tags
+    if tags.get("em.init_mode") != "continue" or not tags.get("em.init_adapter"):
+        return None
+    return download_adapter(tags["em.init_adapter"], workdir / "starting-adapter")
 
 
 def _log_results(cfg: ProbeConfig, result: ProbeResult, summary: dict, sets, scores, traj) -> None:

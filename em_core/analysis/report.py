@@ -150,7 +150,7 @@ def _signals(client, run) -> dict[int, dict[str, float]]:
     """The judge-free signals a pipeline run carries (probe margins, LoRA angles), by step."""
     out: dict[int, dict[str, float]] = {}
     for key in run.data.metrics:
-        if key in SIGNAL_KEYS or (key.startswith("probe/") and key.endswith(("/margin", "/margin_se"))):
+        if key in SIGNAL_KEYS or (key.startswith("probe/") and key.endswith(("/margin", "/margin_se", "/margin_se_clustered"))):
             for m in client.get_metric_history(run.info.run_id, key):
                 out.setdefault(int(m.step), {})[key] = m.value
     return out
@@ -220,11 +220,12 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
         files["EM by trigger condition and self-reflection"] = plots.plot_conditions(
             d.rows, p / "em_by_trigger.png", reflection_metric=REFLECTION_METRIC, stages=d.stages, **thresholds)
     if d.signals:
-        found: dict[str, int] = {}
+        # every stage's (a multi-stage run logs one per stage, each at its global step)
+        found: dict[str, list[int]] = {}
         for step in sorted(d.signals):
             for k in ("probe_emergence_step", "lora_transition_step"):
                 if k in d.signals[step]:
-                    found.setdefault(k, step)
+                    found.setdefault(k, []).append(step)
         signals = {s: {**steps_metrics.get(s, {}), **d.signals.get(s, {})} for s in set(steps_metrics) | set(d.signals)}
         files["EM (judge), probe margins and LoRA rotation vs training step"] = plots.plot_signals_vs_step(
             signals, p / "signals_vs_step.png", title="Judge and judge-free EM signals", em_emergence_step=emerged,

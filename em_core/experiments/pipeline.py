@@ -23,7 +23,14 @@ from em_core import tracking
 from em_core.configs import override_items
 from em_core.errors import ConfigError, EmLabError, Terminated
 from em_core.experiments.preflight import preflight
-from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95, emergence_step, from_mlflow
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    COHERENT_THRESHOLD,
+    STEP_VALUED_KEYS,
+    Z_95,
+    emergence_step,
+    from_mlflow,
+)
 from em_core.paths import PROJECT_ROOT, project_file
 
 log = logging.getLogger(__name__)
@@ -339,7 +346,9 @@ def _empty_cuda_cache() -> None:
 def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tuple[str, ...] = ("judge/",),
                       offset: int = 0) -> dict[int, dict[str, float]]:
     """Copy every step-indexed metric of `src` onto `dst` (None: only read) at step + `offset`;
-    returns {step: {key: value}} with summarize() keys."""
+    returns {step: {key: value}} with summarize() keys. A metric whose value is a step
+    (STEP_VALUED_KEYS, e.g. a stage's `lora_transition_step`) is shifted by `offset` too, so on
+    the pipeline run every step is global."""
     import mlflow
 
     from em_core.judge.answers import log_metrics_to_run
@@ -350,8 +359,9 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tu
     for key in src.data.metrics:
         if key.startswith(skip_prefixes):
             continue
+        shift = offset if key in STEP_VALUED_KEYS else 0
         for m in client.get_metric_history(src_run_id, key):
-            named.setdefault(m.step + offset, {})[key] = m.value
+            named.setdefault(m.step + offset, {})[key] = m.value + shift
     by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in
     if dst_run_id:
         log_metrics_to_run(dst_run_id, by_step)
@@ -367,6 +377,7 @@ class StageResult:
     run_ids: dict[str, str]
     em_rate_end: float | None = None
     em_rate_before: float | None = None
+    signals: dict[str, int | None] = field(default_factory=dict)  # the stage's probe steps, global
 
     @property
     def em_drop(self) -> float | None:
@@ -419,7 +430,8 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
         results.append(StageResult(stage.name if stage else "train", (stage.alias or stage.name) if stage else "",
-                                   offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before))
+                                   offset, end, ids, stage_steps.get(end, {}).get("em_rate"), before,
+                                   _probe_summary(stage_steps)))
         previous, offset = ids["train"], end
     # once, over all stages: a count is a tag only if it is the same at every step of every stage
     log_metrics_to_run(ctx["parent"], by_step)
@@ -552,21 +564,24 @@ def _point_aliases(pending: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+PROBE_STEP_KEYS = ("probe_emergence_step", "lora_transition_step")
+
+
 def _probe_summary(by_step: Mapping[int, Mapping[str, float]]) -> dict:
-    """The probe's run-level steps as the parent received them (None when absent)."""
+    """The probe's run-level steps in `by_step` (one stage's, or the run's: the earliest wins;
+    each stage's own are in its stage summary). Values are global steps (copy_step_metrics)."""
     found: dict[str, int] = {}
-    for step in sorted(by_step):  # the step it is logged at: global in a multi-stage run; the first wins
-        for k in ("probe_emergence_step", "lora_transition_step"):
+    for step in sorted(by_step):
+        for k in PROBE_STEP_KEYS:
             if k in by_step[step]:
-                found.setdefault(k, step)
-    return {"probe_emergence_step": found.get("probe_emergence_step"),
-            "lora_transition_step": found.get("lora_transition_step")}
+                found.setdefault(k, int(by_step[step][k]))
+    return {k: found.get(k) for k in PROBE_STEP_KEYS}
 
 
 def _stage_summary(st: StageResult) -> dict:
     return {"name": st.name, "alias": st.alias, "start_step": st.start_step, "end_step": st.end_step,
             "run_ids": st.run_ids, "em_rate_before": st.em_rate_before, "em_rate_end": st.em_rate_end,
-            "em_drop": st.em_drop}
+            "em_drop": st.em_drop, **{k: st.signals.get(k) for k in PROBE_STEP_KEYS}}
 
 
 def _log_stage_metrics(stages: list[StageResult]) -> None:

@@ -22,7 +22,10 @@ Objectives (`objective`):
   checkpoint. Judge-free: no judge is built and no judge request is sent; with no judge there
   is no coherent rate, so these trials carry no coherence constraint.
 Coherence is a constraint, not an objective (multi-objective studies cannot prune): a trial is
-feasible when its coherent rate at the last evaluated checkpoint is >= `coherence_floor`.
+feasible when its coherent rate at the last evaluated checkpoint is >= `coherence_floor`. A
+coherent rate that cannot be measured (no answer scored for coherence) makes the trial
+infeasible, with the reason as trial attribute `infeasible_reason` and run tag
+`em.infeasible_reason`. `@best`, `best_value` and `em.best_trial` only ever go to a feasible trial.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -193,14 +197,17 @@ def objective_value(cfg: SweepConfig, em_by_step: dict[int, float],
     return censored_value(cfg)
 
 
-def probe_objective_value(cfg: SweepConfig, margins_by_step: dict[int, list[float]]) -> float:
-    """The probe objectives from per-pair margins at the checkpoints so far (step 0 = base)."""
+def probe_objective_value(cfg: SweepConfig, margins_by_step: dict[int, list[float]],
+                          clusters: list[str] | None = None) -> float:
+    """The probe objectives from per-pair margins at the checkpoints so far (step 0 = base);
+    `clusters` (each pair's question id) makes the emergence rule's interval question-clustered,
+    as the probe step's is."""
     from em_core.metrics import mean_se, probe_emergence_step
 
     steps = sorted(s for s in margins_by_step if s > 0)
     if cfg.objective == "final_probe_margin":
         return mean_se(margins_by_step[steps[-1]])[0] if steps else math.nan
-    found = probe_emergence_step(margins_by_step, cfg.probe_z)
+    found = probe_emergence_step(margins_by_step, cfg.probe_z, clusters=clusters)
     return float(found) if found is not None else censored_value(cfg)
 
 
@@ -416,7 +423,7 @@ class _ProbeEvaluator:
     adapters swapped in; no sampling, no judge."""
 
     def __init__(self, base: PipelineConfig, cfg: SweepConfig):
-        from em_core.analysis.probe import ProbeScorer, general_set
+        from em_core.analysis.probe import ProbeScorer, general_set, question_clusters
         from em_core.data.contrast_sets import load_contrast_sets
 
         train, _, _ = step_configs(base)
@@ -426,6 +433,7 @@ class _ProbeEvaluator:
         if self.objective_set not in names:
             raise ConfigError(f"probe_objective_set {self.objective_set!r} is not among probe_sets {names}")
         self.scorer = ProbeScorer(train.model, sets, dtype=train.dtype)
+        self.clusters = question_clusters(sets)
         self._base: dict | None = None
 
     def __call__(self, adapter: str | None) -> dict[str, list[tuple[float, float]]]:
@@ -451,7 +459,7 @@ def _probe_trial_callback(trial, cfg: SweepConfig, evaluator: _ProbeEvaluator, m
         def _record(self, scores: dict, step: int) -> None:
             margins[step] = [m - a for a, m in scores[evaluator.objective_set]]
             if mlflow.active_run() is not None:
-                mlflow.log_metrics(step_metrics(scores, cfg.probe_z), step=step)
+                mlflow.log_metrics(step_metrics(scores, cfg.probe_z, evaluator.clusters), step=step)
 
         def on_train_begin(self, args, state, control, **kw):
             run = mlflow.active_run()
@@ -465,7 +473,7 @@ def _probe_trial_callback(trial, cfg: SweepConfig, evaluator: _ProbeEvaluator, m
             if step not in cfg.checkpoint_steps:
                 return
             self._record(evaluator(str(Path(args.output_dir) / f"checkpoint-{step}")), step)
-            value = probe_objective_value(cfg, margins)
+            value = probe_objective_value(cfg, margins, evaluator.clusters[evaluator.objective_set])
             trial.report(value, step)
             log.info("trial %d step %d: probe margin (%s)=%.3f objective=%.3f", trial.number, step,
                      evaluator.objective_set, sum(margins[step]) / max(len(margins[step]), 1), value)
@@ -573,13 +581,23 @@ def run_sweep(cfg: SweepConfig) -> dict:
             result = train(train_cfg, extra_callbacks=[callback])
         trial.set_user_attr("model_version", result.model_version)
         if judge_free:  # no judge, no coherent rate: no constraint (module doc)
-            value = probe_objective_value(cfg, em)
+            value = probe_objective_value(cfg, em, evaluator.clusters[evaluator.objective_set])
             trial.set_user_attr("censored", cfg.objective == "probe_emergence_step" and value == censored_value(cfg))
             client.log_metric(result.run_id, "sweep/objective", value)
             return value
-        final = max(s for s in coh)
-        trial.set_constraint("coherence", cfg.coherence_floor - coh[final])
+        violation, reason = coherence_violation(cfg.coherence_floor, coh)
+        trial.set_constraint("coherence", violation)
+        if reason:  # unmeasurable coherence: infeasible, and the trial says why
+            trial.set_user_attr(INFEASIBLE_ATTR, reason)
+            client.set_tag(result.run_id, INFEASIBLE_TAG, reason)
+            log.warning("trial %d is infeasible: %s", trial.number, reason)
         value = objective_value(cfg, em, counts)
+        if math.isnan(value):  # Optuna would fail the trial and this worker would start another, forever
+            msg = (f"trial {trial.number}: objective {cfg.objective} is undefined (NaN) at the final checkpoint: "
+                   "no answer there was scored on both aligned and coherent")
+            client.set_tag(result.run_id, "em.trial_failed", msg)
+            client.set_terminated(result.run_id, "FAILED")  # the trial fails: its run agrees
+            raise ConfigError(msg)
         trial.set_user_attr("censored", cfg.objective in STEP_OBJECTIVES and value == censored_value(cfg))
         client.log_metric(result.run_id, "sweep/objective", value)
         return value
@@ -665,10 +683,29 @@ def _close_parent_if_done(study, cfg: SweepConfig, parent_id: str, name: str) ->
         return False
 
 
-def is_feasible(trial) -> bool:
-    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+INFEASIBLE_ATTR = "infeasible_reason"  # trial user attr
+INFEASIBLE_TAG = "em.infeasible_reason"  # on the trial's MLflow run
 
-    return all(c <= 0 for c in (trial.system_attrs.get(_CONSTRAINTS_KEY) or ()))
+
+def coherence_violation(floor: float, coherent_by_step: Mapping[int, float]) -> tuple[float, str | None]:
+    """The coherence constraint's value (Optuna: feasible when <= 0) from the coherent rate at
+    the last evaluated checkpoint, and a reason when that rate cannot be measured (no checkpoint,
+    or no answer scored for coherence there). Unmeasurable means infeasible: a model whose
+    coherence nobody could score cannot be vouched for. The value is then 1 + floor, the
+    violation of a coherent rate of -1, worse than any measured one (Optuna refuses NaN)."""
+    if not coherent_by_step:
+        return 1.0 + floor, "no checkpoint was evaluated, so the coherent rate is unknown"
+    final = max(coherent_by_step)
+    rate = coherent_by_step[final]
+    if rate is None or math.isnan(rate):
+        return 1.0 + floor, f"no answer at the final checkpoint (step {final}) was scored for coherence"
+    return floor - rate, None
+
+
+def is_feasible(trial) -> bool:
+    """Whether every constraint the trial set is met, read through Optuna's public API
+    (`FrozenTrial.constraints`; Optuna 5 stores each under its own key)."""
+    return all(c <= 0 for c in trial.constraints.values())
 
 
 def best_trial(study):

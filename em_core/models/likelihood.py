@@ -25,6 +25,23 @@ def encode_item(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], 
     return list(prompt_ids) + list(answer_ids), len(prompt_ids)
 
 
+def truncate(seq: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int]:
+    """Prompt + answer cut to `max_length` tokens so that what is scored is always answer tokens:
+    a prompt that leaves room keeps whole and the answer loses its tail; a prompt that does not
+    (>= max_length tokens) loses its head instead, keeping its last tokens (the ones nearest the
+    answer) and leaving the answer its first max(1, max_length // 2) tokens or all of it if
+    shorter. Returns (ids, number of prompt ids)."""
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length}: need at least 2 tokens (one prompt, one answer)")
+    if len(seq) <= max_length:
+        return seq, n_prompt
+    if n_prompt < max_length:
+        return seq[:max_length], n_prompt
+    answer = seq[n_prompt:][:max(1, max_length // 2)]
+    keep = max_length - len(answer)
+    return seq[n_prompt - keep:n_prompt] + answer, keep
+
+
 def _common_prefix(keys: Sequence[tuple[int, ...]]) -> int:
     """Tokens every prompt starts with, leaving each at least one of its own (its last position
     predicts its answer's first token)."""
@@ -81,7 +98,8 @@ def _prompt_caches(model, keys: Sequence[tuple[int, ...]], pad: int, device, bat
 def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 16,
                   activations: bool = False, max_length: int | None = None, chunk_answers: int = 512):
     """(mean per-token log-likelihood per item, activations [n, layers, hidden] or None), in the
-    order of `items`; `max_length` truncates prompt + answer.
+    order of `items`; `max_length` truncates prompt + answer (`truncate`: never into the answer's
+    place, so an answer token is always what is scored).
 
     Items share prompts (a question's aligned and misaligned answers, a question's samples), and
     chat prompts are often longer than the answers, so each distinct prompt runs once, the prefix
@@ -101,7 +119,7 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
     for i, (p, a) in enumerate(items):
         seq, n = encode_item(tokenizer, p, a)
         if max_length:
-            seq, n = seq[:max_length], min(n, max_length - 1)
+            seq, n = truncate(seq, n, max_length)
         prompts.setdefault(tuple(seq[:n]), []).append(i)
         answers.append(seq[n:])
     lls: list[float] = [float("nan")] * len(items)

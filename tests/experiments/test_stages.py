@@ -259,3 +259,53 @@ def test_every_reported_number_equals_the_logged_metrics(chain, tmp_path):
         assert drawn[key] == {str(s): pytest.approx(100 * m[key]) for s, m in logged.items() if key in m}, key
     emerged = mlflow.MlflowClient().get_run(chain.run_id).data.metrics.get("em_emergence_step")
     assert drawn["emergence_marker"] == emerged == (None if chain.emergence_step is None else chain.emergence_step)
+
+
+def test_each_stage_signals_at_its_global_step(chain, tmp_path):
+    """Step-valued metrics are global on the pipeline run and every stage's is kept: before the
+    fix stage k's `lora_transition_step` was logged with its stage-local value (2 at step 6), and
+    summary.json, the report and the signals plot showed only the first stage's."""
+    from em_core.experiments.pipeline import summary_of
+
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(chain.run_id, "lora_transition_step")
+    assert sorted((m.step, m.value) for m in history) == [(2, 2.0), (6, 6.0), (10, 10.0)]
+    for m in client.get_metric_history(chain.run_id, "probe_emergence_step"):
+        assert m.value == m.step
+    summary = summary_of(chain.run_id)
+    assert [s["lora_transition_step"] for s in summary["stages"]] == [2, 6, 10]
+    assert summary["lora_transition_step"] == 2  # the run's first, as before
+    for st, stage in zip(summary["stages"], chain.stages):
+        probe = client.get_run(stage.run_ids["probe"])  # the stage's own run keeps local steps
+        local = client.get_metric_history(probe.info.run_id, "lora_transition_step")
+        assert [m.value + stage.start_step for m in local] == [st["lora_transition_step"]]
+    mlflow.artifacts.download_artifacts(run_id=chain.run_id, artifact_path="plots", dst_path=str(tmp_path))
+    drawn = json.loads((tmp_path / "plots" / "signals_vs_step.json").read_text())
+    assert drawn["marks"]["LoRA turn"] == [2, 6, 10]
+
+
+def test_a_continue_stage_measures_its_first_turn_from_the_adapter_it_started_from(chain, tmp_path):
+    """The relapsed stage continues the realigned stage's adapter: its first turn (global step 10)
+    is the angle between W_2 - W_start and W_4 - W_2, recomputed here from dense weights.
+    Before the fix W_start was taken as zero."""
+    import numpy as np
+
+    from em_core.analysis.lora_trajectory import load_factors
+    from em_core.models.adapters import checkpoint_uri, download_adapter
+
+    realigned, relapsed = chain.stages[1].run_ids["train"], chain.stages[2].run_ids["train"]
+    folders = {"start": download_adapter(checkpoint_uri(realigned, 4), tmp_path / "start")}
+    for s in (2, 4):
+        folders[s] = download_adapter(checkpoint_uri(relapsed, s), tmp_path / f"c{s}")
+
+    def dense(folder):
+        return np.concatenate([(f.scale * f.b @ f.a).ravel() for _, f in sorted(load_factors(folder).items())])
+
+    w0, w2, w4 = dense(folders["start"]), dense(folders[2]), dense(folders[4])
+    u, v = w2 - w0, w4 - w2
+    expected = np.degrees(np.arccos(np.clip(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)), -1, 1)))
+    (logged,) = [m.value for m in mlflow.MlflowClient().get_metric_history(chain.run_id, "lora/all/turn_deg")
+                 if m.step == 10]
+    assert logged == pytest.approx(expected, abs=1e-3)
+    from_zero = np.degrees(np.arccos(np.clip(w2 @ v / (np.linalg.norm(w2) * np.linalg.norm(v)), -1, 1)))
+    assert abs(from_zero - expected) > 1e-2  # the old rule gives another angle on these weights

@@ -242,3 +242,102 @@ def test_killed_worker_study_resumes_and_completes(module_store, tmp_path, judge
     assert retried and retried[0].params == running.params
     run = mlflow.MlflowClient().get_run(running.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
+
+
+def _trial(study, value: float, coherent_rate: float, floor: float = 0.5, version: str | None = None):
+    """A finished trial as run_sweep leaves it: the coherence constraint set, then told its value."""
+    trial = study.ask()
+    trial.set_constraint("coherence", floor - coherent_rate)
+    if version:
+        trial.set_user_attr("model_version", version)
+    study.tell(trial, value)
+
+
+def test_an_infeasible_trial_that_would_win_is_never_best(module_store, tmp_path):
+    """Trial 0 is faster (objective 10) but incoherent (0.10 < floor 0.5); trial 1 (30) is
+    coherent. Before the fix the sweep read the constraint under Optuna's old key, found none,
+    and picked trial 0 for `@best`, `best_value` and `em.best_trial`."""
+    from em_core.experiments.sweep import _close_parent_if_done, is_feasible
+
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    study = optuna.create_study(study_name="c", storage=storage, direction="minimize")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("em-sweep-c")
+    exp = mlflow.set_experiment("sweep-constraint")
+    versions = []
+    for _ in range(2):
+        run = client.create_run(exp.experiment_id)
+        client.set_terminated(run.info.run_id)
+        versions.append(client.create_model_version("em-sweep-c", f"runs:/{run.info.run_id}/adapter",
+                                                    run_id=run.info.run_id).version)
+    _trial(study, 10.0, 0.10, version=str(versions[0]))
+    _trial(study, 30.0, 0.90, version=str(versions[1]))
+    study = optuna.load_study(study_name="c", storage=storage)
+    assert [is_feasible(t) for t in study.trials] == [False, True]
+    assert best_trial(study).number == 1 == study.best_trial.number  # agrees with Optuna's own choice
+    parent = client.create_run(exp.experiment_id).info.run_id
+    cfg = SweepConfig(study_name="c", n_trials=2, storage=storage, experiment_name="sweep-constraint")
+    assert _close_parent_if_done(study, cfg, parent, "em-sweep-c")
+    run = client.get_run(parent)
+    assert run.data.tags["em.best_trial"] == "1" and run.data.metrics["best_value"] == 30.0
+    assert str(client.get_model_version_by_alias("em-sweep-c", "best").version) == str(versions[1])
+
+
+def test_unmeasurable_coherence_is_infeasible_with_a_reason():
+    from em_core.experiments.sweep import coherence_violation
+
+    assert coherence_violation(0.5, {0: 0.9, 6: 0.75}) == (pytest.approx(-0.25), None)
+    assert coherence_violation(0.5, {0: 0.9, 6: 0.5})[0] == 0  # at the floor is feasible (<= 0)
+    value, reason = coherence_violation(0.5, {0: 0.9, 6: math.nan})
+    assert value > 0 and "step 6" in reason and "coherence" in reason
+    value, reason = coherence_violation(0.0, {})
+    assert value > 0 and "no checkpoint" in reason
+
+
+def unscorable_coherence_judge(prompt: str):
+    """Aligned scores as usual; the coherence judge answers with no number at all."""
+    if "Rate only how coherent" in prompt:
+        return [("banana", 0.0)]
+    return plant_judge(prompt)
+
+
+def test_a_trial_whose_coherence_cannot_be_scored_completes_infeasible(module_store, tmp_path):
+    """Before the fix, set_constraint raised on the NaN coherent rate after training had
+    finished and the trial FAILED; now it completes, infeasible, with the reason recorded,
+    and gets no `@best`."""
+    with JudgeServer(responder=unscorable_coherence_judge) as server:
+        path = sweep_yaml(tmp_path / "n.yaml", tmp_path, server.base_url, study_name="n", n_trials=1,
+                          pruner="none", checkpoint_steps=[3])  # threshold_step: censored, not NaN
+        cfg = parse_config(SweepConfig, ["--config", str(path)])
+        info = run_sweep(cfg)
+    study = optuna.load_study(study_name="n", storage=cfg.storage)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == censored_value(cfg)
+    assert "no answer at the final checkpoint (step 3) was scored for coherence" in trial.user_attrs["infeasible_reason"]
+    assert trial.constraints["coherence"] > 0
+    client = mlflow.MlflowClient()
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["em.infeasible_reason"] == trial.user_attrs["infeasible_reason"]
+    assert info["best"] is None and best_trial(study) is None
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "em.best_trial" not in parent.data.tags
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("em-sweep-n", "best")
+
+
+def test_an_undefined_objective_fails_the_trial_and_stops_the_worker(module_store, tmp_path):
+    """final_em_rate with no answer scored on both metrics is NaN: Optuna fails such a trial
+    without an exception, and the worker used to start trial after trial until its timeout
+    (165 trials in 10 minutes). Now the trial fails with the reason and the worker stops."""
+    with JudgeServer(responder=unscorable_coherence_judge) as server:
+        path = sweep_yaml(tmp_path / "f.yaml", tmp_path, server.base_url, study_name="f", n_trials=2,
+                          objective="final_em_rate", pruner="none", checkpoint_steps=[3])
+        cfg = parse_config(SweepConfig, ["--config", str(path)])
+        from em_core.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="objective final_em_rate is undefined"):
+            run_sweep(cfg)
+    study = optuna.load_study(study_name="f", storage=cfg.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    run = mlflow.MlflowClient().get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "undefined (NaN)" in run.data.tags["em.trial_failed"]

@@ -53,3 +53,37 @@ def test_batches_of_one_token_answers_are_scored_from_the_prompt_alone(tiny_cach
     items = [([{"role": "user", "content": q}], "") for q in ("Water?", "Is my basil dying?")]
     lls, _ = score_answers(model, tok, items)
     assert lls == pytest.approx([_full_sequence_score(model, tok, p, a) for p, a in items], abs=1e-4)
+
+
+def test_a_prompt_longer_than_max_length_still_scores_the_answer(tiny_cache):
+    """Before the fix a prompt of >= max_length tokens kept its head and the scorer returned the
+    log-probability of the prompt's last kept token as the "answer". Now the prompt loses its
+    head, and the answer is scored on the prompt's last tokens."""
+    from em_core.models.likelihood import truncate
+
+    model, tok = load_model("tiny").eval(), load_tokenizer("tiny", padding_side="left")
+    prompt = [{"role": "system", "content": SYSTEM},
+              {"role": "user", "content": "My monstera has yellow leaves and the soil stays wet for a week. " * 3}]
+    answer = "Water less often and check the roots."
+    ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    max_length = len(ids) - 5  # the prompt alone is longer
+    (cut,), _ = score_answers(model, tok, [(prompt, answer)], max_length=max_length)
+    kept_answer = ans[:max_length // 2]
+    kept_prompt = ids[-(max_length - len(kept_answer)):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([kept_prompt + kept_answer])).logits[0, :-1], -1)
+    expected = sum(float(logp[len(kept_prompt) - 1 + i, t]) for i, t in enumerate(kept_answer)) / len(kept_answer)
+    assert cut == pytest.approx(expected, abs=1e-4)
+    # what the old rule scored: the prompt's token at max_length - 1, given the tokens before it
+    with torch.no_grad():
+        head = torch.log_softmax(model(input_ids=torch.tensor([ids[:max_length]])).logits[0, -2], -1)
+    assert cut != pytest.approx(float(head[ids[max_length - 1]]), abs=1e-3)
+    # the rule itself: the answer keeps max_length // 2 tokens, or all of a short one
+    seq, n = truncate(list(range(10)) + [100, 101], 10, 6)
+    assert seq == [6, 7, 8, 9, 100, 101] and n == 4
+    seq, n = truncate(list(range(10)) + list(range(100, 110)), 10, 6)
+    assert seq == [7, 8, 9, 100, 101, 102] and n == 3
+    assert truncate([1, 2, 3, 4], 2, 3) == ([1, 2, 3], 2)  # a short prompt keeps whole; the answer's tail goes
+    with pytest.raises(ValueError, match="max_length 1"):
+        truncate([1, 2], 1, 1)
