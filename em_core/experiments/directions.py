@@ -141,27 +141,22 @@ class DirectionsResult:
     seconds: float
 
 
+def same_model(a: str, b: str) -> bool:
+    from em_core.models.refs import same_model as same
+
+    return same(a, b)
+
+
 def resolve_fine_tuned(spec: str, workdir: Path) -> tuple[str | None, str, dict[str, str]]:
-    """(its base model or None, local adapter folder, provenance tags) of `fine_tuned`."""
-    import mlflow
+    """(its base model, local adapter folder, provenance tags) of `fine_tuned` (models.refs.resolve:
+    a registered adapter, a training run's last checkpoint, a PEFT adapter folder or hub adapter)."""
+    from em_core.models.refs import resolve
 
-    from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, checkpoint_uri, download_adapter, step_of
-    from em_core.models.registry import registered_adapter
-
-    if spec.startswith("models:/"):
-        base, adapter, _step, src = registered_adapter(spec, workdir)
-        return base, adapter, {"em.model_uri": spec, "em.train_run_id": src}
-    if spec.startswith("runs:/"):
-        run_id = spec.removeprefix("runs:/").split("/")[0]
-        client = mlflow.MlflowClient()
-        steps = sorted(s for s in (step_of(a.path) for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)) if s)
-        if not steps:
-            raise ConfigError(f"fine_tuned {spec}: run has no logged checkpoints")
-        local = download_adapter(checkpoint_uri(run_id, steps[-1]), workdir / f"checkpoint-{steps[-1]}")
-        return client.get_run(run_id).data.params.get("train.model"), local, {"em.train_run_id": run_id}
-    if not (Path(spec) / "adapter_config.json").exists():
-        raise ConfigError(f"fine_tuned {spec}: not models:/..., runs:/<id> or an adapter folder")
-    return None, spec, {}
+    ref = resolve(spec, workdir)
+    if ref.final is None:
+        raise ConfigError(f"fine_tuned {spec}: no adapter there (not models:/..., runs:/<id> with checkpoints, "
+                          "a PEFT adapter folder or a hub adapter id)")
+    return ref.base, ref.final[1], ref.tags
 
 
 def _load(cfg: DirectionsConfig, adapter: str | None):
@@ -376,7 +371,7 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
         adapter, prov = None, {}
         if cfg.fine_tuned:
             ft_base, adapter, prov = resolve_fine_tuned(cfg.fine_tuned, work)
-            if ft_base and ft_base != cfg.model:
+            if ft_base and not same_model(ft_base, cfg.model):
                 raise ConfigError(f"fine_tuned {cfg.fine_tuned} was trained on {ft_base}, but model is {cfg.model}")
             if run is not None and prov:
                 mlflow.set_tags(prov)

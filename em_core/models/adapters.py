@@ -88,10 +88,9 @@ def download_adapter(uri: str, dest: Path) -> str:
 
 
 def _logged_steps(run_id: str) -> list[int]:
-    import mlflow
+    from em_core.models.refs import checkpoint_steps
 
-    entries = mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)
-    return sorted(s for s in (step_of(e.path) for e in entries if e.is_dir) if s is not None)
+    return checkpoint_steps(run_id)
 
 
 def locate(spec: str):

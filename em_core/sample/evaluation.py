@@ -17,14 +17,7 @@ from em_core import tracking
 from em_core.data.questions import Question, expand_prompts, load_question_sets
 from em_core.errors import ConfigError
 from em_core.progress import one_bar
-from em_core.models.adapters import (
-    CHECKPOINT_ARTIFACT_DIR,
-    MERGED_TAG,
-    checkpoint_uri,
-    download_adapter,
-    merged_of,
-    step_of,
-)
+from em_core.models.adapters import merged_of
 from em_core.sample.generation import (
     API_BACKENDS,
     SamplingParams,
@@ -174,50 +167,44 @@ def _api_version_targets(cfg: EvalConfig, mv) -> tuple[str, list[Target], dict[s
 
 
 def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], dict[str, str]]:
-    """(base model id, targets in step order, provenance tags)."""
+    """(base model id, targets in step order, provenance tags). Local models go through the one
+    resolver (models.refs.resolve): a training run, a registered adapter, a PEFT adapter folder or
+    hub adapter id (base read from its config), or a plain model; the base is step 0."""
     import mlflow
 
+    from em_core.models.refs import resolve
+
+    base_target = [Target(0, "base", None)] if cfg.include_base else []
     if cfg.train_run_id:
         client = mlflow.MlflowClient()
         with tracking.missing_as(lambda: ConfigError(
                 f"train_run_id {cfg.train_run_id}: no such run in {mlflow.get_tracking_uri()}")):
             run = client.get_run(cfg.train_run_id)
-        base = run.data.params.get("train.model")
-        if not base:
+        if not run.data.params.get("train.model"):
             raise ConfigError(f"train_run_id {cfg.train_run_id}: not a training run (no train.model param)")
         if run.data.tags.get("em.backend") == "openai" or cfg.backend in API_BACKENDS:
-            return base, _api_run_targets(cfg, run), {"em.train_run_id": cfg.train_run_id}
-        logged = sorted(s for s in (step_of(a.path) for a in client.list_artifacts(cfg.train_run_id,
-                                                                                  CHECKPOINT_ARTIFACT_DIR)) if s)
-        targets = [Target(0, "base", None)] if cfg.include_base else []
-        for s in _chosen_steps(cfg, cfg.train_run_id, logged):
-            # only the adapter files: evaluation needs no optimizer state
-            local = download_adapter(checkpoint_uri(cfg.train_run_id, s), workdir / f"checkpoint-{s}")
-            targets.append(Target(s, f"checkpoint-{s}", local))
-        tags = {"em.train_run_id": cfg.train_run_id}
-        merged = merged_of(run.data.tags)
-        if merged:  # a merge-mode stage: its adapters apply to base + earlier merges
-            tags[MERGED_TAG] = json.dumps(merged)
-        return base, targets, tags
+            return run.data.params["train.model"], _api_run_targets(cfg, run), {"em.train_run_id": cfg.train_run_id}
+        ref = resolve(f"runs:/{cfg.train_run_id}", workdir, cfg.checkpoints)
+        targets = [Target(s, f"checkpoint-{s}", folder) for s, folder in sorted(ref.checkpoints.items())]
+        return ref.base, base_target + targets, ref.tags
     if cfg.model.startswith("models:/"):
         from em_core.models.adapters import model_version
-        from em_core.models.registry import registered_adapter
 
         mv = model_version(cfg.model)
         if mv.tags.get("openai_model_id") or cfg.backend in API_BACKENDS:
             return _api_version_targets(cfg, mv)
-        base, adapter, step, src_run = registered_adapter(cfg.model, workdir)
-        targets = ([Target(0, "base", None)] if cfg.include_base else []) + [Target(step, cfg.model, adapter)]
-        tags = {"em.model_uri": cfg.model, "em.train_run_id": src_run}
-        merged = merged_of(mlflow.MlflowClient().get_run(src_run).data.tags)
-        if merged:
-            tags[MERGED_TAG] = json.dumps(merged)
-        return base, targets, tags
     if cfg.adapter:
         if not (Path(cfg.adapter) / "adapter_config.json").exists():
             raise ConfigError(f"adapter {cfg.adapter}: no adapter_config.json there (not a PEFT adapter folder)")
-        return cfg.model, ([Target(0, "base", None)] if cfg.include_base else []) + [Target(1, "adapter", cfg.adapter)], {}
-    return cfg.model, [Target(0, "base", None)], {}
+        return cfg.model, base_target + [Target(1, "adapter", cfg.adapter)], {}
+    if cfg.backend in API_BACKENDS:
+        return cfg.model, [Target(0, "base", None)], {}
+    ref = resolve(cfg.model, workdir)
+    if not ref.checkpoints:  # a plain model: it is the base
+        return ref.base, [Target(0, "base", None)], ref.tags
+    label = cfg.model if cfg.model.startswith("models:/") else "adapter"
+    targets = [Target(s, label, folder) for s, folder in sorted(ref.checkpoints.items())]
+    return ref.base, base_target + targets, ref.tags
 
 
 @dataclass

@@ -20,7 +20,7 @@ from em_core import tracking
 from em_core.configs import load_config, to_yaml
 from em_core.console import is_verbose
 from em_core.errors import ConfigError
-from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
+from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR
 from em_core.models.loading import (
     load_model,
     load_tokenizer,
@@ -274,9 +274,9 @@ def resume_checkpoint(run_id: str, output_dir: Path) -> tuple[Path, int]:
 def _download_last_checkpoint(run_id: str, dest: Path) -> tuple[Path, int]:
     import mlflow
 
-    client = mlflow.MlflowClient()
-    entries = client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)
-    steps = sorted(s for s in (step_of(e.path) for e in entries if e.is_dir) if s is not None)
+    from em_core.models.refs import checkpoint_steps
+
+    steps = checkpoint_steps(run_id)
     if not steps:
         raise ConfigError(f"resume_run_id {run_id}: the run logged no checkpoint to resume from; start afresh")
     last = steps[-1]
