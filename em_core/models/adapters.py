@@ -87,10 +87,16 @@ def download_adapter(uri: str, dest: Path) -> str:
     return str(dest)
 
 
-def _logged_steps(run_id: str) -> list[int]:
-    from em_core.models.refs import checkpoint_steps
+def checkpoint_steps(run_id: str) -> list[int]:
+    """The steps of the checkpoints a training run logged (`checkpoints/checkpoint-<step>/`): the
+    one place that lists them (models.refs.resolve and training's resume use it)."""
+    import mlflow
 
-    return checkpoint_steps(run_id)
+    entries = mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)
+    return sorted(s for s in (step_of(e.path) for e in entries if e.is_dir) if s is not None)
+
+
+
 
 
 def locate(spec: str):
@@ -117,7 +123,7 @@ def locate(spec: str):
         run = mlflow.MlflowClient().get_run(run_id)
     if not run.data.params.get("train.model"):
         raise ConfigError(f"init_adapter {spec}: run {run_id} is not an em-lab training run (no train.model param)")
-    steps = _logged_steps(run_id)
+    steps = checkpoint_steps(run_id)
     if not steps:
         raise ConfigError(f"init_adapter {spec}: run {run_id} logged no checkpoint")
     if step is None:

@@ -12,8 +12,8 @@
 | `models:/name@alias`, `models:/name/<version>` | the version's `base_model` tag | the registered adapter at its training step |
 
 plus the merge chain (adapters merged into the base first, for merge-mode stages) and the
-provenance tags a step records. `checkpoint_steps(run_id)` is the one place that lists a
-training run's logged checkpoints.
+provenance tags a step records. A training run's checkpoints are listed in one place,
+`adapters.checkpoint_steps`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from em_core.errors import ConfigError
+from em_core.models.adapters import checkpoint_steps
 from em_core.tracking import missing_as
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,6 @@ class ModelRef:
     def final(self) -> tuple[int, str] | None:
         """(step, folder) of the last checkpoint, or None for a plain model."""
         return max(self.checkpoints.items()) if self.checkpoints else None
-
-
-def checkpoint_steps(run_id: str) -> list[int]:
-    """The steps of the checkpoints a training run logged (`checkpoints/checkpoint-<step>/`)."""
-    import mlflow
-
-    from em_core.models.adapters import CHECKPOINT_ARTIFACT_DIR, step_of
-
-    entries = mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)
-    return sorted(s for s in (step_of(e.path) for e in entries if e.is_dir) if s is not None)
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:

@@ -274,7 +274,7 @@ def resume_checkpoint(run_id: str, output_dir: Path) -> tuple[Path, int]:
 def _download_last_checkpoint(run_id: str, dest: Path) -> tuple[Path, int]:
     import mlflow
 
-    from em_core.models.refs import checkpoint_steps
+    from em_core.models.adapters import checkpoint_steps
 
     steps = checkpoint_steps(run_id)
     if not steps:
