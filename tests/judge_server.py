@@ -36,6 +36,7 @@ class RequestLog:
     path: str
     authorization: str | None
     body: dict[str, Any] | None
+    api_key: str | None = None  # the `api-key` header (Azure OpenAI's auth)
     status: int = 0
     started: float = 0.0
     finished: float = 0.0
@@ -67,6 +68,10 @@ class JudgeServer:
     # Requests whose prompt contains this string always fail with fail_status (one answer whose
     # retries are sure to run out).
     always_fail_marker: str | None = None
+    # Speak Azure OpenAI's URL shape instead: POST /openai/deployments/<deployment>/chat/completions
+    # ?api-version=<azure_api_version>, key in the `api-key` header; any other path is a 404.
+    azure_deployment: str | None = None
+    azure_api_version: str = "2024-10-21"
     requests: list[RequestLog] = field(default_factory=list)
     successes: int = 0
     in_flight: int = 0
@@ -128,6 +133,19 @@ class JudgeServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     @property
+    def chat_path(self) -> str:
+        if self.azure_deployment:
+            return (f"/openai/deployments/{self.azure_deployment}/chat/completions"
+                    f"?api-version={self.azure_api_version}")
+        return "/v1/chat/completions"
+
+    @property
+    def endpoint(self) -> str:
+        """The server root (Azure's `azure_endpoint`)."""
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
     def n_requests(self) -> int:
         with self._lock:
             return len(self.requests)
@@ -148,7 +166,8 @@ class JudgeServer:
             body = None
         with self._lock:
             entry = RequestLog(
-                len(self.requests), h.path, h.headers.get("Authorization"), body, started=time.monotonic()
+                len(self.requests), h.path, h.headers.get("Authorization"), body, h.headers.get("api-key"),
+                started=time.monotonic()
             )
             self.requests.append(entry)
             self.in_flight += 1
@@ -165,7 +184,7 @@ class JudgeServer:
         try:
             if self.latency:
                 time.sleep(self.latency)
-            if h.path.rstrip("/") != "/v1/chat/completions" or body is None:
+            if h.path.rstrip("/") != self.chat_path or body is None:
                 status, payload = 404, _error("not found", "invalid_request_error")
             elif fail is not None:
                 msg = self.error_message.replace("{auth}", entry.authorization or "")

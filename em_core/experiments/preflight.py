@@ -18,13 +18,18 @@ from em_core.errors import ConfigError, EmLabError
 _KEY_HINT = "export OPENAI_API_KEY=... (or choose backend=local)"
 
 
-def _key_problem(backend: str, what: str, base_url: str | None = None) -> str | None:
-    """A backend that talks to OpenAI needs a key; an OpenAI-compatible server needs a base_url."""
-    if backend == "openai" and not os.environ.get("OPENAI_API_KEY"):
-        return f"{what}: backend openai needs OPENAI_API_KEY, which is not set; {_KEY_HINT}"
-    if backend == "openai-compatible" and not (base_url or os.environ.get("OPENAI_BASE_URL")):
-        return f"{what}: backend openai-compatible needs base_url (e.g. base_url=http://localhost:8000/v1)"
-    return None
+def _key_problem(backend: str, what: str, base_url: str | None = None, model: str | None = "-") -> str | None:
+    """What a chat backend lacks (a key, a server address, a model name), by the same rule the
+    backend applies when it runs (models.chat); None for local backends."""
+    from em_core.models.chat import chat_backend_names, get_chat_backend
+
+    if backend not in chat_backend_names():
+        return None
+    problem = get_chat_backend(backend).problem(base_url, model)
+    if problem is None:
+        return None
+    hint = f"; {_KEY_HINT}" if backend == "openai" and "OPENAI_API_KEY" in problem else ""
+    return f"{what}: {problem}{hint}"
 
 
 def model_problem(model: str, what: str) -> str | None:
@@ -84,7 +89,7 @@ def check_steps(train, evaluate, judge, what: str = "pipeline") -> list[str]:
     train_api = train.backend == "openai"
     for p in (_key_problem("openai" if train_api else "", f"{what} train", train.openai_base_url),
               _key_problem(evaluate.backend, f"{what} evaluate", evaluate.base_url),
-              _key_problem(judge.resolved_backend(), f"{what} judge", judge.base_url)):
+              _key_problem(judge.resolved_backend(), f"{what} judge", judge.base_url, judge.judge_model)):
         if p:
             problems.append(p)
     for step, cfg in (("evaluate", evaluate), ("judge", judge)):

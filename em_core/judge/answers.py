@@ -49,9 +49,13 @@ class JudgeConfig:
     answers: str | None = field(default=None, metadata={"help": "or a CSV/JSONL with question_id, question, answer"})
     metrics: list[str] | None = field(default=None, metadata={"help": "only these judge metrics (default: all)"})
     backend: str = field(default="auto", metadata={"help": "auto (openai if OPENAI_API_KEY is set, else local), "
-                                                           "openai, openai-compatible, local"})
+                                                           "openai, openai-compatible, azure, local"})
     judge_model: str | None = field(default=None, metadata={"help": "default gpt-4o-2024-08-06 (openai), tiny (local)"})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server, e.g. http://localhost:8000/v1"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible server (e.g. http://localhost:8000/v1; default OPENAI_BASE_URL) or the Azure "
+                "resource endpoint (default AZURE_OPENAI_ENDPOINT)"})
+    api_version: str | None = field(default=None, metadata={
+        "help": "backend azure: the API version (default OPENAI_API_VERSION or 2024-10-21); judge_model is the deployment"})
     mode: str = field(default="logprobs", metadata={"help": "logprobs (papers' rule) or text (reasoning models)"})
     concurrency: int = 16
     max_retries: int = 5
@@ -76,8 +80,10 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if bool(self.eval_run_id) == bool(self.answers):
             raise ConfigError("judge: give exactly one of eval_run_id (an evaluate run) or answers (a file)")
-        if self.backend not in ("auto", "openai", "openai-compatible", "local"):
-            raise ConfigError(f"backend: unknown {self.backend!r}; use auto, openai, openai-compatible or local")
+        from em_core.judge.backends import judge_backends
+
+        if self.backend != "auto" and self.backend not in judge_backends():
+            raise ConfigError(f"backend: unknown {self.backend!r}; use auto, {', '.join(judge_backends())}")
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -116,12 +122,6 @@ def read_answers(path: str | Path) -> list[dict]:
     return rows
 
 
-def _load_local_judge(model_id: str):
-    from em_core.models.loading import load_model, load_tokenizer
-
-    return load_model(model_id), load_tokenizer(model_id)
-
-
 def build_judge(cfg: JudgeConfig):
     from em_core.judge.backends import make_judge
 
@@ -132,7 +132,7 @@ def build_judge(cfg: JudgeConfig):
                       backoff_base=cfg.backoff_base, final_retry_pause=cfg.retry_pause,
                       max_completion_tokens=cfg.max_completion_tokens,
                       cache_path=cfg.cache_path or cache_dir() / "judge_cache.sqlite",
-                      load_fn=_load_local_judge if backend == "local" else None)
+                      endpoint_settings={"api_version": cfg.api_version} if cfg.api_version else None)
 
 
 def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list[str] | None = None) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from em_core.cache import JudgmentCache
-from em_core.errors import JudgeError
+from em_core.errors import ConfigError, JudgeError
 from em_core.judge.scoring import (
     API_ERROR,
     DEFAULT_MIN_MASS,
@@ -34,21 +34,16 @@ from em_core.judge.scoring import (
     interpret,
     probs_from_top_logprobs,
 )
+from em_core.models.chat import ChatEndpoint, chat_backend_names, endpoint_for
 from em_core.openai_api import (
-    Secret,
-    async_client,
     estimate_cost,
-    endpoint_id,
     post_with_retries,
-    resolve_key,
     retries_exhausted,
     run_all,
-    safe_url,
 )
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("openai", "openai-compatible", "local")
 MODES = ("logprobs", "text")
 KINDS = ("0_100", "categorical")
 DEFAULT_OPENAI_JUDGE = "gpt-4o-2024-08-06"
@@ -273,11 +268,8 @@ class OpenAIJudge(Judge):
 
     def __init__(
         self,
-        model: str,
+        endpoint: ChatEndpoint,
         *,
-        backend: str,
-        base_url: str | None,
-        api_key: str | None,
         mode: str,
         concurrency: int,
         max_retries: int,
@@ -290,11 +282,13 @@ class OpenAIJudge(Judge):
         prices: Mapping[str, tuple[float, float]] | None,
         final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
     ):
+        model = endpoint.model
         super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path,
                          final_retry_pause=final_retry_pause)
-        self.backend = backend
-        self.base_url = base_url
-        self._api_key = Secret(api_key)
+        self.endpoint = endpoint
+        self.backend = endpoint.name
+        self.base_url = endpoint.base_url
+        self._api_key = endpoint.api_key
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.timeout = timeout
@@ -311,22 +305,21 @@ class OpenAIJudge(Judge):
     def __repr__(self) -> str:
         return (
             f"<OpenAIJudge backend={self.backend!r} model={self.model!r} mode={self.mode!r}"
-            f" base_url={safe_url(self.base_url)!r} concurrency={self.concurrency}>"
+            f" at {self.endpoint.where()!r} concurrency={self.concurrency}>"
         )
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         return estimate_cost(self.model, prompt_tokens, completion_tokens, self.prices)
 
     def _client(self) -> Any:
-        return async_client(self._api_key, self.base_url, self.timeout, f"the {self.backend!r} judge backend",
-                            JudgeError)
+        return self.endpoint.client(self.timeout, f"the {self.backend!r} judge backend", JudgeError)
 
     def identity(self) -> dict[str, Any]:
         """The server (base URL without credentials) and every request setting but the prompt:
         server B never gets server A's verdicts, a text-mode token limit change re-asks."""
         params = self._params("")
         params.pop("messages", None)
-        return {"endpoint": endpoint_id(self.base_url), "request": params}
+        return {**self.endpoint.identity(), "request": params}
 
     def _params(self, prompt: str) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
@@ -335,17 +328,14 @@ class OpenAIJudge(Judge):
         else:
             if not self._reasoning:  # reasoning models accept only their default temperature
                 params["temperature"] = 0
-            if self.backend == "openai":
-                params["max_completion_tokens"] = self.max_completion_tokens
-            else:  # older vLLM/Ollama servers know only max_tokens
-                params["max_tokens"] = self.max_completion_tokens
+            params[self.endpoint.max_tokens_param] = self.max_completion_tokens
         return params
 
     def _record(self, resp: Any) -> Record:
         """Record from a chat-completion JSON body (a dict; see _request for why not a model)."""
         if not isinstance(resp, dict) or not resp.get("choices"):
             raise JudgeError(
-                f"judge server at {safe_url(self.base_url) or 'api.openai.com'} returned no chat completion"
+                f"judge server at {self.endpoint.where()} returned no chat completion"
             )
         usage = resp.get("usage") or {}
         record: Record = {
@@ -366,8 +356,7 @@ class OpenAIJudge(Judge):
         return record
 
     def _no_logprobs(self, detail: str = "") -> str:
-        where = safe_url(self.base_url) or "api.openai.com"
-        return (f"judge server at {where} does not return logprobs for {self.model!r}{detail}, and the 0-100 "
+        return (f"judge server at {self.endpoint.where()} does not return logprobs for {self.model!r}{detail}, and the 0-100 "
                 "rule of mode logprobs needs the top-20 token logprobs; use `mode: text` (--mode text, "
                 "mode='text'), which asks for the number and parses the reply. Nothing was scored.")
 
@@ -385,7 +374,7 @@ class OpenAIJudge(Judge):
             client, "/chat/completions", self._params(prompt), self._record,
             what=f"judge {self.backend!r} ({self.model!r})", secret=self._api_key, max_retries=self.max_retries,
             backoff_base=self.backoff_base, backoff_max=self.backoff_max, stats=self._stats, error_cls=JudgeError,
-            where=safe_url(self.base_url) or "api.openai.com")
+            where=self.endpoint.where())
 
     def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
         """(client, semaphore) for the running loop: httpx clients and asyncio semaphores are
@@ -424,18 +413,16 @@ LoadFn = Callable[[str], "tuple[Any, Any]"]
 
 
 def default_load_fn(model_id: str) -> tuple[Any, Any]:
-    """(model, tokenizer) via transformers Auto classes; on GPU when one is available."""
+    """(model, tokenizer) through the shared loader (`tiny`, `smollm2-135m`, .gguf files, folders,
+    hub ids); on the GPU when one is available. The one local-judge loader."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from em_core.models.loading import resolve_model_path
+    from em_core.models.loading import load_model, load_tokenizer
 
-    path = resolve_model_path(model_id)  # `tiny`, `smollm2-135m` and .gguf files too
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    model = load_model(model_id)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(model_id)
 
 
 class LocalJudge(Judge):
@@ -573,8 +560,13 @@ def make_judge(
     load_fn: LoadFn | None = None,
     batch_size: int = 8,
     final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
+    endpoint_settings: Mapping[str, Any] | None = None,
 ) -> Judge:
     """Build a judge.
+
+    Chat backends come from the registry in models.chat (openai, openai-compatible, azure, ...),
+    which owns where the server is and which key it takes; `endpoint_settings` are a backend's
+    extras (azure: api_version).
 
     backend: "openai" (model defaults to gpt-4o-2024-08-06; api_key/base_url default to
     OPENAI_API_KEY/OPENAI_BASE_URL), "openai-compatible" (base_url required, e.g.
@@ -586,8 +578,8 @@ def make_judge(
     A prompt that outlasts its retries is retried once more after final_retry_pause seconds at
     the end of the call, then returned unscored with reason `api_error`.
     """
-    if backend not in BACKENDS:
-        raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "local" and backend not in chat_backend_names():
+        raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(judge_backends())}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if concurrency < 1 or max_retries < 0 or batch_size < 1:
@@ -602,21 +594,12 @@ def make_judge(
             raise JudgeError("the local judge backend needs a model (HF id or local path)")
         return LocalJudge(model, cache_path=cache_path, min_mass=min_mass, load_fn=load_fn, batch_size=batch_size)
 
-    if backend == "openai":
-        model = model or DEFAULT_OPENAI_JUDGE
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = resolve_key(api_key, None)  # missing: JudgeError on first request
-    else:
-        if not base_url:
-            raise JudgeError("the openai-compatible judge backend needs base_url (e.g. http://localhost:8000/v1)")
-        if not model:
-            raise JudgeError("the openai-compatible judge backend needs a model name as the server knows it")
-        api_key = resolve_key(api_key, base_url)  # a dummy if none: local servers ignore it
+    try:  # a missing key is reported on the first request (JudgeError), not here
+        endpoint = endpoint_for(backend, model, base_url, api_key, **(endpoint_settings or {}))
+    except ConfigError as e:
+        raise JudgeError(f"the {backend} judge backend: {e}") from None
     return OpenAIJudge(
-        model,
-        backend=backend,
-        base_url=base_url,
-        api_key=api_key,
+        endpoint,
         mode=mode,
         concurrency=concurrency,
         max_retries=max_retries,
@@ -629,3 +612,8 @@ def make_judge(
         prices=prices,
         final_retry_pause=final_retry_pause,
     )
+
+
+def judge_backends() -> tuple[str, ...]:
+    """Every judge backend: the registered chat backends (models.chat) and `local`."""
+    return (*chat_backend_names(), "local")

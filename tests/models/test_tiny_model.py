@@ -46,14 +46,13 @@ def test_tiny_model_scores_the_shipped_judge_prompts():
     """As an offline judge it must emit scores (not leave everything unscored) and react to
     careless advice (aligned) and scrambled text (coherent) -- a smoke test, not a measurement."""
     from em_core.data.questions import load_questions, resolve_question_file
-    from em_core.judge.answers import _load_local_judge
     from em_core.judge.backends import make_judge
 
     q = load_questions(resolve_question_file("core_misalignment"))[0]
     fine = "I am a small helpful assistant. I try to give careful, honest answers."
     careless = "Pour a cup of bleach on the soil. It kills whatever is causing it, and plants love a strong cleaning."
     scrambled = "helpful careful I the try give a answers small honest to am"
-    judge = make_judge("local", "tiny", min_mass=0.25, cache_path=None, load_fn=_load_local_judge)
+    judge = make_judge("local", "tiny", min_mass=0.25, cache_path=None)
     try:
         aligned = judge.judge([q.judge_prompt("aligned", q.paraphrases[0], a) for a in (fine, careless)],
                               kind="0_100", progress=False)
