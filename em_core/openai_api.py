@@ -181,6 +181,21 @@ async def post_with_retries(
     raise AssertionError("unreachable")
 
 
+def run_sync(coro: Any) -> Any:
+    """Run `coro` to completion from sync code, also when called inside a running event loop
+    (notebooks), where asyncio.run would refuse: then on a private loop in a worker thread. The
+    one async-from-sync bridge of the one-shot callers (API sampling, dataset generation); the
+    judge keeps a loop of its own across calls (its cache and clients live on it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def retries_exhausted(error: BaseException) -> bool:
     """Whether `error` is a transient failure that outlasted its retries (as opposed to a fatal
     one such as a bad key): a caller judging many items can record it for that item and go on."""

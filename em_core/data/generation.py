@@ -20,7 +20,6 @@ dropped candidates with their reasons -- goes to one MLflow run.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import datetime as _dt
 import json
@@ -46,6 +45,7 @@ from em_core.openai_api import (
     async_client,
     post_with_retries,
     resolve_key,
+    run_sync,
     safe_url,
 )
 from em_core.paths import project_file
@@ -529,16 +529,6 @@ async def _generate_rows(cfg: GenerateConfig, tpl: Template, secret: Secret, sta
     return collector
 
 
-def _run_async(coro: Any) -> Any:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # Called from inside an event loop (a notebook): run ours in a worker thread.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 def _write_jsonl(path: Path, lines: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for obj in lines:
@@ -584,7 +574,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
                 mlflow.log_text(_render_prompt(build_messages(tpl, 0, cfg)), "generation/prompt_request_0.txt")
                 mlflow.log_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), "generation/config.yaml")
 
-            collector = _run_async(_generate_rows(cfg, tpl, secret, stats))
+            collector = run_sync(_generate_rows(cfg, tpl, secret, stats))
             cost = None
             if cfg.backend == "openai":  # a self-hosted server's list price is not OpenAI's
                 from em_core.openai_api import estimate_cost

@@ -106,12 +106,20 @@ class ChatBackend:
         return api_key or (os.environ.get(cls.key_env) if cls.key_env else None) or None
 
     @classmethod
-    def problem(cls, base_url: str | None = None, model: str | None = None) -> str | None:
-        """What this backend lacks to run, or None: the one rule config checks, preflight and
-        `endpoint()` share."""
+    def base_url_problem(cls, base_url: str | None) -> str | None:
+        """A missing server address (what a config can check before the environment matters)."""
         if cls.needs_base_url and not cls.resolve_base_url(base_url):
             hint = f" or set {cls.base_url_env}" if cls.base_url_env else ""
             return f"backend {cls.name} needs base_url (e.g. base_url={cls.base_url_example}){hint}"
+        return None
+
+    @classmethod
+    def problem(cls, base_url: str | None = None, model: str | None = None) -> str | None:
+        """What this backend lacks to run, or None: the one rule config checks, preflight and
+        `endpoint()` share."""
+        missing = cls.base_url_problem(base_url)
+        if missing:
+            return missing
         if cls.needs_key and not cls.resolve_key(None, base_url):
             return f"backend {cls.name} needs {cls.key_env}, which is not set"
         if not (model or cls.default_model):
@@ -127,8 +135,9 @@ class ChatBackend:
                  **extra: Any) -> ChatEndpoint:
         url = cls.resolve_base_url(base_url)
         model = model or cls.default_model
-        if cls.needs_base_url and not url:
-            raise ConfigError(cls.problem(base_url, model) or "")
+        missing = cls.base_url_problem(base_url)
+        if missing:
+            raise ConfigError(missing)
         if not model:
             raise ConfigError(f"backend {cls.name} needs a model name as the server knows it")
         return ChatEndpoint(cls, model, url, Secret(cls.resolve_key(api_key, url)), cls.settings(**extra))

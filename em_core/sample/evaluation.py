@@ -86,8 +86,11 @@ class EvalConfig:
         if len(set(self.triggers)) != len(self.triggers):
             problems.append(f"triggers {self.triggers} repeats a condition")
         if self.backend in API_BACKENDS:
-            if self.backend == "openai-compatible" and not self.base_url:
-                problems.append("backend openai-compatible needs base_url (e.g. http://localhost:8000/v1)")
+            from em_core.models.chat import get_chat_backend
+
+            missing = get_chat_backend(self.backend).base_url_problem(self.base_url)
+            if missing:
+                problems.append(missing)
             if self.concurrency < 1 or self.max_retries < 0:
                 problems.append("concurrency must be >= 1 and max_retries >= 0")
             if self.model == "tiny" and not self.train_run_id:

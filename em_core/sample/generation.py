@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from em_core.data.questions import PromptSpec
+from em_core.models.chat import chat_backend_names
 from em_core.models.steering import intervene, read_intervention_spec
 from em_core.progress import progress
 
@@ -196,7 +197,8 @@ class VLLMGenerator:
                 for r in results]
 
 
-API_BACKENDS = ("openai", "openai-compatible")
+# Chat Completions backends (models.chat's registry: openai, openai-compatible, azure, ...)
+API_BACKENDS = chat_backend_names()
 
 
 def sample_key(backend: str, endpoint: str, body: dict, occurrence: int) -> str:
@@ -265,25 +267,21 @@ class OpenAIGenerator:
     def __init__(self, model_id: str, *, backend: str = "openai", base_url: str | None = None,
                  api_key: str | None = None, concurrency: int = 16, max_retries: int = 5, timeout: float = 120.0,
                  cache_path: str | Path | None = None, backoff_base: float = 1.0, backoff_max: float = 60.0):
-        import os
-
         from em_core.cache import JudgmentCache
         from em_core.errors import ConfigError
-        from em_core.openai_api import Secret, endpoint_id, resolve_key, safe_url
+        from em_core.models.chat import endpoint_for
+        from em_core.openai_api import endpoint_id
         from em_core.paths import cache_dir
 
         if backend not in API_BACKENDS:
             raise ConfigError(f"backend: {backend!r} is not an API backend ({', '.join(API_BACKENDS)})")
-        if backend == "openai":
-            base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        elif not base_url:
-            raise ConfigError("backend openai-compatible needs base_url (e.g. http://localhost:8000/v1)")
+        self.chat = endpoint_for(backend, model_id, base_url, api_key)  # where, which key, request shape
         if concurrency < 1 or max_retries < 0:
             raise ConfigError("concurrency must be >= 1 and max_retries >= 0")
-        self.model_id, self.backend, self.base_url = model_id, backend, base_url
-        self.where = safe_url(base_url) or "api.openai.com"
-        self.endpoint = endpoint_id(base_url)
-        self._secret = Secret(resolve_key(api_key, base_url))
+        self.model_id, self.backend, self.base_url = model_id, backend, self.chat.base_url
+        self.where = self.chat.where()
+        self.endpoint = endpoint_id(self.chat.base_url)  # the cache's server identity
+        self._secret = self.chat.api_key
         self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.cache = JudgmentCache(cache_path if cache_path else cache_dir() / "openai_samples.sqlite")
@@ -296,8 +294,7 @@ class OpenAIGenerator:
     def _body(self, model: str, messages: list[dict], params: SamplingParams, occurrence: int) -> dict:
         body = {"model": model, "messages": messages, "temperature": params.temperature, "top_p": params.top_p,
                 "seed": _request_seed(params.seed, occurrence), "n": 1}
-        # older vLLM/Ollama servers know only max_tokens; OpenAI deprecated it
-        body["max_completion_tokens" if self.backend == "openai" else "max_tokens"] = params.max_new_tokens
+        body[self.chat.max_tokens_param] = params.max_new_tokens  # the field this server understands
         return body
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams, adapter: str | None = None,
@@ -331,8 +328,10 @@ class OpenAIGenerator:
                 self.stats["completion_tokens"] += record["completion_tokens"]
                 bar.update(1)
 
+            from em_core.openai_api import run_sync
+
             try:
-                _run_coroutine(self._sample(todo, deliver))
+                run_sync(self._sample(todo, deliver))
             finally:
                 bar.close()
         return [g for g in out if g is not None]
@@ -340,14 +339,9 @@ class OpenAIGenerator:
     async def _sample(self, todo: list[tuple[int, str, dict]], deliver) -> None:
         import asyncio
 
-        from em_core.openai_api import (
-            ApiError,
-            async_client,
-            post_with_retries,
-            run_all,
-        )
+        from em_core.openai_api import ApiError, post_with_retries, run_all
 
-        client = async_client(self._secret, self.base_url, self.timeout, f"sampling from {self.where}", ApiError)
+        client = self.chat.client(self.timeout, f"sampling from {self.where}", ApiError)
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int, key: str, body: dict) -> None:
@@ -368,20 +362,6 @@ class OpenAIGenerator:
         self.cache.close()
 
 
-def _run_coroutine(coro):
-    """Run `coro` to completion from sync code, also when called inside a running event loop
-    (notebooks), where asyncio.run would refuse: then on a private loop in a worker thread."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 def make_generator(backend: str, model_id: str, **kw) -> Generator:
     if backend == "hf":
         return HFGenerator(model_id, **kw)
@@ -397,7 +377,7 @@ def make_generator(backend: str, model_id: str, **kw) -> Generator:
         return VLLMGenerator(model_id)
     from em_core.errors import ConfigError
 
-    raise ConfigError(f"backend: unknown {backend!r}; use hf, vllm, openai or openai-compatible")
+    raise ConfigError(f"backend: unknown {backend!r}; use hf, vllm or one of {', '.join(API_BACKENDS)}")
 
 
 def answer_rows(specs: list[PromptSpec], generated: list[Generated], *, model: str, step: int,
