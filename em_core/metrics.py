@@ -96,6 +96,25 @@ def mean_se(values: Iterable[float]) -> tuple[float, float]:
     return (mean, math.sqrt(var / n))
 
 
+def mean_t_interval(values: Iterable[float], z: float = Z_95) -> tuple[float, float, float]:
+    """(mean, lo, hi): a Student t interval on the mean of a few values (e.g. per-seed rates), at
+    the two-sided level a normal interval of half-width z has (z = 1.96: 95%). NaN bounds with
+    fewer than 2 values; NaN mean with none."""
+    import statistics
+
+    from scipy import stats
+
+    xs = [x for x in values if not math.isnan(x)]
+    if not xs:
+        return (NAN, NAN, NAN)
+    mean = math.fsum(xs) / len(xs)
+    if len(xs) < 2:
+        return (mean, NAN, NAN)
+    level = 2 * statistics.NormalDist().cdf(z) - 1
+    half = float(stats.t.ppf((1 + level) / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return (mean, mean - half, mean + half)
+
+
 def clustered_mean_se(values: Iterable[float], clusters: Iterable[Any]) -> tuple[float, float]:
     """Mean and cluster-robust standard error of the mean, for observations that are correlated
     within a cluster (several contrast pairs or sampled answers per question).

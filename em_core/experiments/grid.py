@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import shlex
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from typing import ClassVar
 from em_core import tracking
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
-from em_core.metrics import censored_median
+from em_core.metrics import Z_95, censored_median, mean_t_interval
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     STEP_TAG,
@@ -298,9 +297,10 @@ def summarize_cells(summaries: list[dict], z: float | None = None) -> dict:
     """Per-cell rows (final checkpoint) and per-(model, dataset) rows aggregated over seeds.
 
     One seed: the cell's Wilson interval. Several: mean across seeds with a t interval on the
-    seed means (seed-to-seed spread is what a replication must report)."""
-    from scipy import stats
-
+    seed means (seed-to-seed spread is what a replication must report), at the level of `z`
+    (default: the pipelines' own `z`, as their Wilson intervals were logged with it)."""
+    if z is None:
+        z = next((float(s["z"]) for s in summaries if s.get("z") is not None), Z_95)
     cells_rows = []
     for s in summaries:
         row = {"model": model_label(s["model"]), "dataset": dataset_label("+".join(s["dataset"])),
@@ -320,16 +320,13 @@ def summarize_cells(summaries: list[dict], z: float | None = None) -> dict:
     for (model, dataset), rs in groups.items():
         row = {"model": model, "dataset": dataset, "seeds": len(rs)}
         for key in TABLE_KEYS:
-            vals = [r[key] for r in rs if not math.isnan(r[key])]
             if len(rs) == 1:
                 row[key], row[f"{key}_lo"], row[f"{key}_hi"] = rs[0][key], rs[0][f"{key}_lo"], rs[0][f"{key}_hi"]
-            elif len(vals) >= 2:
-                mean = statistics.fmean(vals)
-                half = stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
-                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = mean, max(0.0, mean - half), min(1.0, mean + half)
             else:
-                row[key] = vals[0] if vals else math.nan
-                row[f"{key}_lo"] = row[f"{key}_hi"] = math.nan
+                mean, lo, hi = mean_t_interval((r[key] for r in rs), z)
+                # a rate's bounds stay in [0, 1]; NaN (fewer than two seeds measured) stays NaN
+                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = mean, lo if lo != lo else max(0.0, lo), \
+                    hi if hi != hi else min(1.0, hi)
         # Seeds that never emerged are right-censored, not missing: a mean over the others would
         # be biased early. Report how many emerged and the censored median.
         emerged = [r["emergence_step"] for r in rs if r["emergence_step"] is not None]

@@ -125,3 +125,21 @@ def test_tiny_grid_runs_summarizes_and_resumes(module_store, tmp_path, capsys):
     # separate invocations: the commands, then a summary of whatever finished
     run_grid(parse_config(GridConfig, ["--config", str(grid), "--print_commands", "true"]))
     assert capsys.readouterr().out.count("mlflow run . -e pipeline") == 2
+
+
+def test_the_seed_interval_honours_z():
+    """summarize_cells took a `z` and ignored it (always 95%); now z sets the t interval's level,
+    by default the pipelines' own z from their summaries."""
+    from scipy import stats
+
+    from em_core.metrics import mean_t_interval
+
+    cells = [_summary("m", "d", s, em) for s, em in ((0, 0.10), (1, 0.20), (2, 0.30))]
+    wide = summarize_cells(cells, z=stats.norm.ppf(0.995))["table"][0]  # 99%
+    t99 = stats.t.ppf(0.995, 2)
+    assert wide["em_rate_hi"] == pytest.approx(0.2 + t99 * 0.1 / math.sqrt(3), abs=1e-4)
+    narrow = summarize_cells([{**c, "z": 1.0} for c in cells])["table"][0]  # from the summaries
+    t68 = stats.t.ppf((1 + (2 * stats.norm.cdf(1.0) - 1)) / 2, 2)
+    assert narrow["em_rate_hi"] == pytest.approx(0.2 + t68 * 0.1 / math.sqrt(3), abs=1e-4)
+    assert mean_t_interval([0.5])[0] == 0.5 and math.isnan(mean_t_interval([0.5])[1])
+    assert all(math.isnan(v) for v in mean_t_interval([]))
