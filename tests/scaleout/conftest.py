@@ -6,10 +6,12 @@ PostgreSQL comes from `.ci/run` (`.ci/postgres.sh`, URL in EM_LAB_TEST_POSTGRES)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -141,3 +143,24 @@ def server_store(mlflow_server, monkeypatch, tmp_path):
     yield mlflow_server
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+# A throwaway local cluster: no usage stats, and no token auth, which Ray turns on when it finds
+# a token in ~/.ray (left by any earlier local `ray.init()`) and then demands from every client.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local Ray cluster (2 CPUs) in its own process group, so the test stops only what it started."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'em-lab[ray]')")
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="emray")  # short: Ray's unix sockets live under it
+    port = 20000 + os.getpid() % 20000
+    proc = spawn([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+                  "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
+                 child_env(**RAY_ENV), tmp_path, tmp_path / "ray.log")
+    time.sleep(1)
+    yield f"127.0.0.1:{port}"
+    stop(proc, signal.SIGTERM)
+    shutil.rmtree(temp, ignore_errors=True)
