@@ -3,6 +3,7 @@
 unreachable tracking server. Each backs one row of docs/scale-out.md, "What survives what"."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -92,3 +93,85 @@ def test_a_dead_ray_worker_is_retried_then_the_grid_says_its_runs_were_killed(se
         if r.data.tags.get("em.entry_point") != "grid":
             assert "Ray worker died" in r.data.tags["em.killed_reason"]
     assert not [m for m in mlflow.MlflowClient().search_registered_models() if m.name.startswith("em-claim.raydead")]
+
+
+def _running_trials(url: str, study: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            return conn.execute("select count(*) from trials join studies using (study_id) where study_name = %s "
+                                "and state = 'RUNNING'", (study,)).fetchone()[0]
+    except psycopg.Error:  # tables not created yet
+        return 0
+
+
+def test_a_postgres_restart_under_a_two_worker_sweep_loses_nothing(server_store, private_postgres, tmp_path,
+                                                                    monkeypatch):
+    import optuna
+    import psycopg
+
+    from tests.scaleout.test_scaleout import sweep_yaml
+
+    monkeypatch.setenv("PGUSER", "emlab")  # the documented way: no credentials in the URL
+    with psycopg.connect(private_postgres.url(), autocommit=True) as conn:
+        conn.execute("create database optuna")
+    storage = private_postgres.url("optuna")
+    study_name = "pg-restart"
+    cfg = sweep_yaml(tmp_path, study_name, storage, n_trials=4, pruner="median", pruner_startup_trials=1)
+    cmd = [sys.executable, "-m", "entrypoints.sweep", "--config", str(cfg), "--storage", storage]  # as documented
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [spawn(cmd, child_env(PGUSER="emlab"), tmp_path, log) for log in logs]
+    try:
+        deadline = time.time() + 300
+        while _running_trials(storage, study_name) < 1:  # a trial in flight (not the workers' marker study)
+            assert time.time() < deadline and all(w.poll() is None for w in workers), \
+                "\n".join(p.read_text()[-2000:] for p in logs)
+            time.sleep(1)
+        private_postgres.stop()  # as `pg_ctlcluster 15 main stop` would: sessions end with AdminShutdown
+        time.sleep(20)
+        private_postgres.start()
+        for w in workers:
+            w.wait(timeout=480)
+    finally:
+        for w in workers:
+            stop(w)
+    out = "\n".join(p.read_text() for p in logs)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    states = [t.state.name for t in study.trials]
+    runs = {r.data.tags["optuna.trial_number"]: r for r in _runs("scale-sweep", f"tags.`em.sweep` = '{study_name}'")}
+    pairs = sorted((t.number, t.state.name, runs[str(t.number)].info.status if str(t.number) in runs else None)
+                   for t in study.trials)
+    print(f"\nFAULT postgres restart: exits {[w.returncode for w in workers]}, trials/runs {pairs}")
+    assert [w.returncode for w in workers] == [0, 0], out[-5000:]
+    assert "is unreachable" in out and "is back after" in out
+    assert "RUNNING" not in states and "FAIL" not in states and states.count("COMPLETE") + states.count("PRUNED") >= 4
+    agree = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    assert all(run == agree[state] for _, state, run in pairs), pairs  # every trial has its run, in the same state
+    assert len(runs) == len(study.trials)
+    settings = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(settings)) == len(settings)  # no setting rerun
+    parent = mlflow.MlflowClient().get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and "em.heartbeat" in parent.data.tags  # reapable like any run
+    assert "em.process" not in parent.data.tags  # shared by the workers: no one process owns it
+
+
+def test_a_down_tracking_server_is_said_once_while_mlflow_retries(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port nobody listens on: the server is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="3",
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0", EM_LAB_MLRUNS=str(tmp_path / "mlruns"))
+    env.pop("EM_LAB_VERBOSE", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "em_core.cli", "runs", "reap"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    print(f"\nFAULT tracking server down: exit {proc.returncode} after {time.time() - t0:.1f} s\n{out[-1500:]}")
+    assert proc.returncode != 0
+    notice = f"the MLflow tracking server at 127.0.0.1:{port} is unreachable ([Errno 111] Connection refused)"
+    assert out.count(notice) == 1, out[-3000:]  # said once, though MLflow retried 3 times
+    assert "Retrying (Retry(" not in out  # urllib3's own lines stay quiet
