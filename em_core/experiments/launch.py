@@ -12,6 +12,7 @@ Tasks inherit the launcher's MLflow/cache/offline environment through `runtime_e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from em_core.errors import ConfigError, raise_on_sigterm, sigterm_deferred
+from em_core.errors import ConfigError, Terminated, raise_on_sigterm, sigterm_deferred
 from em_core.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,23 @@ def sweep_on_ray(cfg) -> dict:
     task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(_run_sweep_task)
     local = dataclasses.replace(cfg, launcher="local")
     t0 = time.time()
-    infos = ray.get([task.remote(local) for _ in range(cfg.workers)])
+    refs = [task.remote(local) for _ in range(cfg.workers)]
+    try:
+        pending = refs
+        while pending:  # short waits, so SIGTERM is raised here, not inside Ray's Cython (SystemError)
+            with sigterm_deferred():
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        with sigterm_deferred():
+            infos = ray.get(refs)
+    except (Terminated, KeyboardInterrupt):
+        # not force: each worker gets KeyboardInterrupt, so its trial's run ends KILLED and its
+        # Optuna trial FAIL, as a local worker's would; the shared parent stays for a rerun
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        with contextlib.suppress(Exception), sigterm_deferred():
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+        raise
     log.info("sweep %s: %d Ray workers done in %.1f s", cfg.study_name, cfg.workers, time.time() - t0)
     closer = next((i for i in infos if i.get("parent_closed")), infos[-1])
     return {**closer, "workers": len(infos)}
