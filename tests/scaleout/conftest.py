@@ -156,9 +156,11 @@ def server_store(mlflow_server, monkeypatch, tmp_path):
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A local Ray cluster (2 CPUs) in its own process group, so the test stops only what it started."""
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A local Ray cluster (2 CPUs) in its own process group, so the tests stop only what they
+    started; one for the session (its start and stop take ~20 s)."""
+    tmp_path = tmp_path_factory.mktemp("ray")
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'em-lab[ray]')")
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="emray")  # short: Ray's unix sockets live under it
