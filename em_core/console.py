@@ -54,20 +54,72 @@ def setup_logging(level: int = logging.INFO, verbose: bool | None = None) -> Non
         warnings.simplefilter("ignore")  # deprecation notices of libraries, not the user's problem
     for h in logging.getLogger().handlers:
         h.addFilter(_ScrubSecrets())
+    pool = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _RetryNotice) for f in pool.filters):
+        pool.addFilter(_RetryNotice())
+    if not verbose:
+        pool.setLevel(logging.WARNING)  # its retry warnings reach _RetryNotice; the rest stays quiet
 
 
-_URL_USERINFO = re.compile(r"://[^/@\s]+@")
+class _RetryNotice(logging.Filter):
+    """MLflow's client retries a tracking server that does not answer for minutes (urllib3,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES with backoff), silently once urllib3 is quiet. The first
+    retry per server (again after 5 quiet minutes) becomes one line saying so; the rest, and
+    urllib3's other warnings, only show with --verbose."""
+
+    REPEAT_AFTER = 300.0
+    _HOST = re.compile(r"host='([^']+)', port=(\d+)")
+    _WHY = re.compile(r"(\[Errno -?\d+\] [^'\")]+|timed out|Connection refused|Name or service not known)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+
+        if not str(record.msg).startswith("Retrying ("):
+            return is_verbose() or record.levelno >= logging.ERROR
+        text = record.getMessage()
+        m = self._HOST.search(text)
+        where = f"{m.group(1)}:{m.group(2)}" if m else "?"
+        now = time.monotonic()
+        if now - self.said.get(where, -self.REPEAT_AFTER) < self.REPEAT_AFTER:
+            return is_verbose()
+        self.said[where] = now
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        what = "the MLflow tracking server" if m and uri.startswith("http") and m.group(1) in uri else "the server"
+        why = self._WHY.search(text)
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "7"
+        record.msg = (f"{what} at {where} is unreachable ({why.group(1) if why else 'no answer'}); retrying "
+                      f"with backoff (up to {retries} times, MLFLOW_HTTP_REQUEST_MAX_RETRIES) before giving up")
+        record.args = ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/@\s]+)@")
+
+
+def url_credentials(arg: str) -> bool:
+    """`arg` holds a URL with a password (`user:password@`), or a web URL with anything before
+    `@` (`https://<token>@host` is how tokens are passed). A bare user name in a database URL
+    (`postgresql://emlab@db/optuna`) is not a secret (pure)."""
+    return any(":" in info or scheme.lower() in ("http", "https")
+               for scheme, info in _URL_USERINFO.findall(str(arg)))
 
 
 def refuse_url_credentials(argv: list[str]) -> None:
     """Command-line values are recorded as given (`mlflow run` logs every -P as a run parameter,
     `ps` shows them): a URL carrying user:password@ is refused there (config files are fine:
     what the project logs of them is scrubbed)."""
-    if any(_URL_USERINFO.search(str(a)) for a in argv):
+    if any(url_credentials(a) for a in argv):
         hint = ("; `mlflow run` has already recorded it in this run's parameters: delete the run "
                 "(mlflow runs delete --run-id $MLFLOW_RUN_ID, then mlflow gc)" if os.environ.get("MLFLOW_RUN_ID") else "")
         raise ConfigError("a command-line URL contains user:password@; give the URL without it and pass the "
-                          "credentials by environment variable (OPENAI_API_KEY is sent as the API key)" + hint)
+                          "credentials by environment variable: for PostgreSQL PGUSER and PGPASSWORD, or a ~/.pgpass "
+                          "file (postgresql://db.internal:5432/optuna), or the whole Optuna URL in "
+                          "EM_LAB_OPTUNA_STORAGE; OPENAI_API_KEY is sent as the API key" + hint)
 
 
 def quiet_libraries() -> None:

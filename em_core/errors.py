@@ -35,6 +35,10 @@ class Terminated(BaseException):
     KeyboardInterrupt, so no `except Exception` swallows it; runs end KILLED with the reason."""
 
 
+_SIGTERM_MESSAGE = "SIGTERM received (preempted, or a scheduler's time limit)"
+_deferral = {"depth": 0, "pending": False}
+
+
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into `Terminated` in the main thread, so open runs unwind and end KILLED
     instead of staying RUNNING forever. No-op off the main thread."""
@@ -46,6 +50,26 @@ def raise_on_sigterm() -> None:
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
-        raise Terminated("SIGTERM received (preempted, or a scheduler's time limit)")
+        if _deferral["depth"]:
+            _deferral["pending"] = True  # raised when the extension call returns (`sigterm_deferred`)
+            return
+        raise Terminated(_SIGTERM_MESSAGE)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+class sigterm_deferred:  # noqa: N801 -- used as a context manager, like contextlib's
+    """Hold `Terminated` back while a C extension call runs (Ray's `wait`/`get`): an exception
+    raised inside one surfaces as a SystemError and may leave the library in a broken state.
+    Raised on leaving the block instead; keep the block short (a bounded wait)."""
+
+    def __enter__(self):
+        _deferral["depth"] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _deferral["depth"] -= 1
+        if not _deferral["depth"] and _deferral["pending"]:
+            _deferral["pending"] = False
+            raise Terminated(_SIGTERM_MESSAGE)
+        return False

@@ -81,8 +81,12 @@ def _is_zombie(pid: int) -> bool:
 class Heartbeat:
     """Keeps `em.heartbeat` of one run fresh from a daemon thread until `stop()`."""
 
-    def __init__(self, run_id: str, interval: float | None = None):
+    def __init__(self, run_id: str, interval: float | None = None, process: bool = True):
+        """`process=False`: beat without claiming the run for this process (`em.process`): for a
+        run several processes share (a sweep's parent), whose one worker dying must not make the
+        run look dead while the others beat; it goes stale only when every beat has stopped."""
         self.run_id = run_id
+        self.process = process
         self.interval = interval if interval is not None else heartbeat_seconds()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,7 +99,8 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         import mlflow
 
-        mlflow.MlflowClient().set_tag(self.run_id, PROCESS_TAG, process_id())
+        if self.process:
+            mlflow.MlflowClient().set_tag(self.run_id, PROCESS_TAG, process_id())
         self.beat()  # synchronously, so the run is never RUNNING without one
         self._thread = threading.Thread(target=self._loop, name=f"em-heartbeat-{self.run_id[:8]}", daemon=True)
         self._thread.start()
@@ -112,6 +117,30 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def kill_running_runs(experiment_id: str, parent_run_id: str, reason: str,
+                      tags: dict[str, str] | None = None) -> list[str]:
+    """Mark every RUNNING descendant of `parent_run_id` (children whose tags include `tags`, and
+    all their descendants) KILLED with `reason` in `em.killed_reason`; returns their ids. For a
+    launcher whose workers can no longer end their own runs (cancelled or dead Ray tasks)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    killed, frontier, first = [], [parent_run_id], True
+    while frontier:
+        parent = frontier.pop()
+        filt = f"tags.`mlflow.parentRunId` = '{parent}'"
+        for k, v in (tags or {}).items() if first else ():
+            filt += f" and tags.`{k}` = '{v}'"
+        for run in client.search_runs([experiment_id], filt, max_results=1000):
+            frontier.append(run.info.run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, KILLED_REASON_TAG, reason)
+                client.set_terminated(run.info.run_id, "KILLED")
+                killed.append(run.info.run_id)
+        first = False
+    return killed
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from em_core import tracking
+from em_core import liveness, tracking
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
 from em_core.metrics import Z_95, censored_median, mean_t_interval
@@ -75,6 +75,9 @@ class GridConfig:
     num_cpus: float = field(default=1, metadata={"help": "CPUs a cell's Ray task (or Slurm task) asks for"})
     num_gpus: float = field(default=0, metadata={"help": "GPUs a cell's Ray task (or Slurm task) asks for"})
     claim_wait: float = field(default=5.0, metadata={"help": "seconds between looks at cells another launcher holds"})
+    cell_retries: int = field(default=2, metadata={
+        "help": "--launcher ray: times a cell whose worker died (kill -9, OOM kill, lost node) is run again; its "
+                "half-finished runs are marked KILLED and its claim released first"})
     experiment_name: str = "em-lab"
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class GridConfig:
             raise ConfigError(f"launcher: {self.launcher!r} is not local or ray")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("num_cpus and num_gpus must be >= 0")
+        if self.cell_retries < 0:
+            raise ConfigError("cell_retries must be >= 0")
         self.pipeline_config = project_file(self.pipeline_config)
 
     @staticmethod
@@ -220,9 +225,14 @@ def _print_commands(cfg: GridConfig, todo: list) -> dict:
 def _run_cells(cfg: GridConfig, base: PipelineConfig, todo: list, exp_id: str, code: str, grid_run_id: str) -> dict:
     """label -> FINISHED pipeline run id for every cell that has one (reused, run here, or run by
     another launcher while this one waited)."""
+    from em_core.errors import Terminated
+
     found: dict[str, str] = {}
     claims: dict[str, str] = {}
+    problems: dict[str, str] = {}  # label -> what happened to a cell that has no finished run
+    retries: dict[str, int] = {}
     waiting, reported = list(todo), 0
+    pcfgs = {cell.label(base): (cell, pcfg) for cell, pcfg in todo}
     ray_cells = launch.RayCells(cfg.ray_address, cfg.num_cpus, cfg.num_gpus) if cfg.launcher == "ray" else None
     try:
         while waiting or (ray_cells and ray_cells.pending):
@@ -272,18 +282,48 @@ def _run_cells(cfg: GridConfig, base: PipelineConfig, todo: list, exp_id: str, c
             if held and not (ray_cells and ray_cells.pending):
                 time.sleep(cfg.claim_wait)
             for label, result in ray_cells.wait() if ray_cells else []:
-                launch.release(claims.pop(label))
-                if isinstance(result, BaseException):
-                    log.error("grid %s: cell %s failed: %s", cfg.name, label, result)
-                else:
+                if not isinstance(result, BaseException):
+                    launch.release(claims.pop(label))
                     found[label] = result
+                    continue
+                if not launch.worker_died(result):  # the cell's own code failed: its runs ended FAILED
+                    launch.release(claims.pop(label))
+                    log.error("grid %s: cell %s failed: %s", cfg.name, label, result)
+                    problems[label] = "failed (see its FAILED pipeline run)"
+                    continue
+                # Its worker died (kill -9, OOM, lost node): nobody will end its runs. End them,
+                # free the claim, and run the cell again (a bounded number of times).
+                why = f"{type(result).__name__}: {str(result).strip().splitlines()[0][:300]}"
+                killed = liveness.kill_running_runs(exp_id, grid_run_id, f"Ray worker died ({why})",
+                                                    {CELL_TAG: label})
+                launch.release(claims.pop(label))
+                retries[label] = retries.get(label, 0) + 1
+                if retries[label] <= cfg.cell_retries:
+                    log.warning("grid %s: cell %s: its Ray worker died (%s); %d run(s) marked KILLED; retrying "
+                                "(%d of %d)", cfg.name, label, why, len(killed), retries[label], cfg.cell_retries)
+                    waiting.append(pcfgs[label])
+                else:
+                    log.error("grid %s: cell %s: its Ray worker died (%s); %d run(s) marked KILLED", cfg.name, label,
+                              why, len(killed))
+                    problems[label] = (f"its Ray worker died {retries[label]} time(s) (cell_retries={cfg.cell_retries}; "
+                                       f"last: {why}); its runs were marked KILLED")
+    except (Terminated, KeyboardInterrupt) as e:
+        # Cancelled Ray tasks cannot end their own runs: end them here, with the reason,
+        # before the summary run itself ends KILLED.
+        if ray_cells is not None and ray_cells.pending:
+            ray_cells.cancel_all()
+            reason = str(e) if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            killed = liveness.kill_running_runs(exp_id, grid_run_id, f"{reason}; the grid launcher cancelled the cell")
+            log.warning("grid %s: %s: cancelled the running cells; %d run(s) marked KILLED", cfg.name, reason,
+                        len(killed))
+        raise
     finally:
         for name in claims.values():
             launch.release(name)
     failed = [c.label(base) for c, _ in todo if c.label(base) not in found and not cfg.summarize_only]
     if failed:
-        raise GridCellsFailed(f"grid {cfg.name}: cells without a finished run: {', '.join(failed)} "
-                              "(see their FAILED pipeline runs); rerun the grid to retry them")
+        what = "; ".join(f"{label}: {problems.get(label, 'no finished run')}" for label in failed)
+        raise GridCellsFailed(f"grid {cfg.name}: cells without a finished run: {what}; rerun the grid to retry them")
     return found
 
 

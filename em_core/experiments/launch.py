@@ -12,6 +12,7 @@ Tasks inherit the launcher's MLflow/cache/offline environment through `runtime_e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from em_core.errors import ConfigError
+from em_core.errors import ConfigError, Terminated, raise_on_sigterm, sigterm_deferred
 from em_core.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,24 @@ def init_ray(address: str | None, num_cpus: float | None = None):
         elif num_cpus:
             kwargs["num_cpus"] = int(num_cpus)
         ray.init(**kwargs)
+        # ray.init() replaces the SIGTERM handler with its own (sys.exit, then an abort in Ray's
+        # shutdown: exit 134, runs left RUNNING); put em's back, so SIGTERM unwinds as
+        # `Terminated` and runs end KILLED, exit 143, as without Ray.
+        raise_on_sigterm()
     return ray
+
+
+def worker_died(error: BaseException) -> bool:
+    """The task's worker process or node died (kill -9, OOM kill, lost node), as opposed to the
+    task's own code raising (`RayTaskError`, whose runs already ended FAILED)."""
+    try:
+        from ray import exceptions as rx
+    except ImportError:
+        return False
+    died = tuple(getattr(rx, n) for n in ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
+                                          "ObjectLostError", "OutOfMemoryError", "RaySystemError")
+                 if hasattr(rx, n))
+    return isinstance(error, died) and not isinstance(error, rx.RayTaskError)
 
 
 def _run_cell_task(pcfg, parent_run_id: str | None) -> str:
@@ -138,15 +156,28 @@ class RayCells:
     def wait(self) -> list[tuple[str, str | BaseException]]:
         if not self.pending:
             return []
-        done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=2.0)
-        out = []
-        for ref in done:
-            key = self.pending.pop(ref)
-            try:
-                out.append((key, self.ray.get(ref)))
-            except Exception as e:  # the cell's own runs already ended FAILED
-                out.append((key, e))
+        with sigterm_deferred():  # SIGTERM raised inside Ray's Cython calls would surface as SystemError
+            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=2.0)
+            out = []
+            for ref in done:
+                key = self.pending.pop(ref)
+                try:
+                    out.append((key, self.ray.get(ref)))
+                except Exception as e:  # the cell's own code failed (runs FAILED) or its worker died
+                    out.append((key, e))
         return out
+
+    def cancel_all(self) -> list[str]:
+        """Stop every pending task now (force: the workers are killed, so their runs are left
+        RUNNING for the caller to end); returns their cell keys."""
+        keys = list(self.pending.values())
+        for ref in list(self.pending):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception as e:  # noqa: BLE001 -- already finished, or the cluster is gone
+                log.debug("cancel %s: %s", ref, e)
+        self.pending.clear()
+        return keys
 
 
 def sweep_on_ray(cfg) -> dict:
@@ -159,7 +190,23 @@ def sweep_on_ray(cfg) -> dict:
     task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(_run_sweep_task)
     local = dataclasses.replace(cfg, launcher="local")
     t0 = time.time()
-    infos = ray.get([task.remote(local) for _ in range(cfg.workers)])
+    refs = [task.remote(local) for _ in range(cfg.workers)]
+    try:
+        pending = refs
+        while pending:  # short waits, so SIGTERM is raised here, not inside Ray's Cython (SystemError)
+            with sigterm_deferred():
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        with sigterm_deferred():
+            infos = ray.get(refs)
+    except (Terminated, KeyboardInterrupt):
+        # not force: each worker gets KeyboardInterrupt, so its trial's run ends KILLED and its
+        # Optuna trial FAIL, as a local worker's would; the shared parent stays for a rerun
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        with contextlib.suppress(Exception), sigterm_deferred():
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+        raise
     log.info("sweep %s: %d Ray workers done in %.1f s", cfg.study_name, cfg.workers, time.time() - t0)
     closer = next((i for i in infos if i.get("parent_closed")), infos[-1])
     return {**closer, "workers": len(infos)}

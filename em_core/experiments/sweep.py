@@ -171,8 +171,11 @@ class SweepConfig:
         return OBJECTIVES[self.objective]
 
     def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
+        """`storage`, else EM_LAB_OPTUNA_STORAGE (a URL with credentials stays off the command
+        line), else the project's sqlite file. PostgreSQL credentials may also come from PGUSER,
+        PGPASSWORD or ~/.pgpass, which psycopg reads for a URL without them."""
+        if self.storage or os.environ.get("EM_LAB_OPTUNA_STORAGE"):
+            return self.storage or os.environ["EM_LAB_OPTUNA_STORAGE"]
         mlruns_dir().mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{mlruns_dir() / 'optuna.db'}"
 
@@ -229,17 +232,20 @@ def suggest(trial, cfg: SweepConfig) -> dict:
 
 
 def make_storage(cfg: SweepConfig):
-    """RDB storage with heartbeats, so trials of a killed worker go stale and are retried."""
+    """RDB storage with heartbeats, so trials of a killed worker go stale and are retried, that
+    waits out a database restart (`study_storage`)."""
     import time
 
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import SQLAlchemyError
 
+    from em_core.experiments.study_storage import RetryingRDBStorage, engine_kwargs
+
     url = cfg.storage_url()
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    kwargs = engine_kwargs(url)
     for attempt in range(5):
         try:
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
+            return RetryingRDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
                               grace_period=cfg.grace_period,
                               heartbeat_stale_trial_callback=_retry_and_kill_run(
                                   RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)))
@@ -250,15 +256,20 @@ def make_storage(cfg: SweepConfig):
 
 
 def _retry_and_kill_run(retry):
-    """A dead worker's trial: mark its MLflow run KILLED (nobody else will), then retry it."""
+    """A dead worker's trial: mark its MLflow run KILLED if still RUNNING (nobody else will; a run
+    its worker already ended, e.g. FAILED when the storage went away, keeps its state, so trial
+    FAIL and run agree), then retry it."""
     def callback(study, trial) -> None:
         import mlflow
 
         run_id = trial.user_attrs.get(RUN_ATTR)
         if run_id:
             try:
-                mlflow.MlflowClient().set_terminated(run_id, "KILLED")
-                mlflow.MlflowClient().set_tag(run_id, "em.note", "worker died; trial retried by Optuna")
+                client = mlflow.MlflowClient()
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_tag(run_id, "em.killed_reason", "its sweep worker died (no Optuna heartbeat)")
+                    client.set_terminated(run_id, "KILLED")
+                client.set_tag(run_id, "em.note", "worker died; trial retried by Optuna")
             except Exception as e:  # the store may be unreachable; the retry matters more
                 log.warning("could not mark run %s KILLED: %s", run_id, e)
         retry(study, trial)
@@ -556,6 +567,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
             client.set_tag(env_run, k, v)
     log.info("sweep %s: worker %d (sampler seed %s), parent run %s", cfg.study_name, index,
              worker_seed(cfg.seed, index), parent_id)
+    # The shared parent beats while any worker works (no `em.process`: one worker's death must not
+    # make it look dead), so `em runs reap` closes it once every worker is gone.
+    parent_beat = _start_parent_heartbeat(parent_id)
     judge_free = cfg.objective in PROBE_OBJECTIVES
     evaluator = _ProbeEvaluator(base, cfg) if judge_free else _Evaluator(base)
     if judge_free:
@@ -610,6 +624,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                        callbacks=[MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
         ok = True
     finally:
+        parent_beat.stop()
         evaluator.close()
         if env_run:
             client.set_terminated(env_run, "FINISHED" if ok else "FAILED")
@@ -621,6 +636,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
         info["best"] = {"number": best.number, "value": best.value, "params": best.params,
                         "run_id": best.user_attrs.get(RUN_ATTR), "model_uri": f"models:/{name}@best"}
     return info
+
+
+def _start_parent_heartbeat(parent_id: str):
+    from em_core.liveness import Heartbeat
+
+    beat = Heartbeat(parent_id, process=False)
+    try:
+        return beat.start()
+    except Exception as e:  # noqa: BLE001 -- a busy store must not stop the worker; it only loses reaping
+        log.warning("sweep parent run %s: cannot start its heartbeat (%s)", parent_id, e)
+        return beat
 
 
 def _create_parent(study, cfg: SweepConfig) -> str:

@@ -6,10 +6,12 @@ PostgreSQL comes from `.ci/run` (`.ci/postgres.sh`, URL in EM_LAB_TEST_POSTGRES)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -107,8 +109,14 @@ def mlflow_server(postgres, tmp_path_factory):
     settings of docs/scale-out.md (no job runners, one worker)."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres["mlflow"],
+    # as docs/scale-out.md starts it: credentials from PGUSER/PGPASSWORD, none in the URL
+    from urllib.parse import urlsplit
+
+    url = urlsplit(postgres["mlflow"])
+    creds = {k: v for k, v in (("PGUSER", url.username), ("PGPASSWORD", url.password)) if v}
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **creds)
+    bare = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", bare,
            "--serve-artifacts", "--artifacts-destination", str(tmp / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     proc = spawn(cmd, env, tmp, tmp / "server.log")
@@ -141,3 +149,76 @@ def server_store(mlflow_server, monkeypatch, tmp_path):
     yield mlflow_server
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+# A throwaway local cluster: no usage stats, and no token auth, which Ray turns on when it finds
+# a token in ~/.ray (left by any earlier local `ray.init()`) and then demands from every client.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A local Ray cluster (2 CPUs) in its own process group, so the tests stop only what they
+    started; one for the session (its start and stop take ~20 s)."""
+    tmp_path = tmp_path_factory.mktemp("ray")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'em-lab[ray]')")
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="emray")  # short: Ray's unix sockets live under it
+    port = 20000 + os.getpid() % 20000
+    proc = spawn([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+                  "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
+                 child_env(**RAY_ENV), tmp_path, tmp_path / "ray.log")
+    time.sleep(1)
+    yield f"127.0.0.1:{port}"
+    stop(proc, signal.SIGTERM)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL server of this test alone (initdb in a temp folder, its own port),
+    so stopping and starting it disturbs nobody else using the CI server. Trust auth for
+    127.0.0.1; the role is `emlab`, given by PGUSER (no credentials in any URL)."""
+
+    def __init__(self, bindir: Path, root: Path):
+        self.bindir, self.root, self.port = bindir, root, _free_port()
+        self.data, self.log = root / "data", root / "server.log"
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(root, "postgres")
+        self._pg("initdb", "-D", str(self.data), "-U", "emlab", "-A", "trust", "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def _pg(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(self.bindir / tool), *args], check=True, capture_output=True,
+                       timeout=120)
+
+    def start(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "start", "-o",
+                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast`, as `pg_ctlcluster stop` and a restart do: sessions are ended (AdminShutdown)."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://127.0.0.1:{self.port}/{db}"
+
+
+@pytest.fixture
+def private_postgres():
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl") or ""]
+    if not found[-1] or not os.path.exists(found[-1]):
+        _unavailable("PostgreSQL's server binaries (pg_ctl, initdb) are not installed")
+    root = Path(tempfile.mkdtemp(prefix="empg"))
+    os.chmod(root, 0o755)
+    server = PrivatePostgres(Path(found[-1]).parent, root)
+    try:
+        yield server
+    finally:
+        try:
+            server.stop("immediate")
+        except Exception:  # already stopped
+            pass
+        shutil.rmtree(root, ignore_errors=True)

@@ -22,7 +22,7 @@ from em_core.errors import ConfigError
 from em_core.experiments.pipeline import PipelineConfig, run_pipeline
 from em_core.experiments.sweep import SweepConfig, run_sweep
 from em_core.models.tiny import TINY_VERSION
-from tests.scaleout.conftest import child_env, spawn, stop
+from tests.scaleout.conftest import RAY_ENV, child_env, spawn, stop
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
@@ -167,27 +167,6 @@ def test_sigterm_ends_a_pipeline_and_its_running_step_killed(server_store, tmp_p
     exp = mlflow.MlflowClient().get_experiment_by_name("scale-term").experiment_id
     assert reap_stale_runs([exp], grace=0) == []
     assert not _runs("scale-term", "attributes.status = 'RUNNING'")
-
-
-# A throwaway local cluster: no usage stats, and no token auth, which Ray turns on when it finds
-# a token in ~/.ray (left by any earlier local `ray.init()`) and then demands from every client.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A local Ray cluster (2 CPUs) in its own process group, so the test stops only what it started."""
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'em-lab[ray]')")
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    temp = tempfile.mkdtemp(prefix="emray")  # short: Ray's unix sockets live under it
-    port = 20000 + os.getpid() % 20000
-    proc = spawn([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-                  "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
-                 child_env(**RAY_ENV), tmp_path, tmp_path / "ray.log")
-    time.sleep(1)
-    yield f"127.0.0.1:{port}"
-    stop(proc, signal.SIGTERM)
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_grid_two_launchers_run_each_cell_once(server_store, tmp_path, ray_head):
