@@ -3,18 +3,18 @@ import json
 import torch
 
 from em_core.models.loading import load_model, load_tokenizer, resolve_model_path
-from em_core.models.tiny import TINY_VERSION, tiny_model_path
+from em_core.models.tiny import TINY_VERSION, tiny_model_dirname, tiny_model_path
 
 
 def test_tiny_model_is_built_by_the_session_fixture_before_tests_touch_it(tiny_cache):
     """The build happens once, in tests/conftest.py's session fixture, not inside whichever test
     first asks for the model (under that test's timeout)."""
-    assert (tiny_cache / f"tiny-v{TINY_VERSION}" / "config.json").exists()
+    assert (tiny_cache / tiny_model_dirname() / "config.json").exists()
 
 
 def test_tiny_model_builds_offline_into_a_versioned_cache(tiny_cache):
     path = tiny_model_path()
-    assert path == tiny_cache / f"tiny-v{TINY_VERSION}"
+    assert path == tiny_cache / tiny_model_dirname()
     meta = json.loads((path / "em_lab_tiny.json").read_text())
     assert meta["version"] == TINY_VERSION
     assert meta["final_loss"] < 2.0, "pretraining should have taught it the corpus"
@@ -64,3 +64,16 @@ def test_tiny_model_scores_the_shipped_judge_prompts():
     assert all(v.score is not None for v in aligned + coherent)
     assert aligned[1].score < aligned[0].score - 20
     assert coherent[1].score < coherent[0].score - 20
+
+
+def test_tiny_seed_knob_leaves_the_default_build_alone(monkeypatch):
+    """EM_LAB_TINY_SEED (robustness checks only) builds into its own folder; unset or 0 is the
+    default build, `tiny-v<N>` with seed 0."""
+    from em_core.models.tiny import PRETRAIN, tiny_seed
+
+    monkeypatch.delenv("EM_LAB_TINY_SEED", raising=False)
+    assert PRETRAIN["seed"] == 0 and tiny_seed() == 0 and tiny_model_dirname() == f"tiny-v{TINY_VERSION}"
+    monkeypatch.setenv("EM_LAB_TINY_SEED", "0")
+    assert tiny_model_dirname() == f"tiny-v{TINY_VERSION}"
+    monkeypatch.setenv("EM_LAB_TINY_SEED", "2")
+    assert tiny_seed() == 2 and tiny_model_dirname() == f"tiny-v{TINY_VERSION}-seed2"
