@@ -1,0 +1,71 @@
+"""What a non-editable install gets: the built wheel holds every file em_core reads at run time
+and installs nothing but em_core (no top-level `entrypoints`, a PyPI package's name). Every
+other test runs on an editable install, which sees the checkout and would miss both."""
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    """The project's wheel, built offline from a copy of the sources (a build in the checkout
+    would leave build/ and *.egg-info behind)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("em_core", "entrypoints"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (whl,) = out.glob("em_lab-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        yield z
+
+
+def _package_files() -> set[str]:
+    return {p.relative_to(REPO).as_posix() for p in (REPO / "em_core").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def test_wheel_holds_every_file_under_em_core(wheel) -> None:
+    """Question sets, generation templates, contrast sets, the tiny corpus and the demo data:
+    all are read at run time (the contrast sets were missing, so an installed `em probe` failed)."""
+    files = _package_files()
+    data = {f for f in files if not f.endswith(".py")}
+    assert {"em_core/data/contrast_sets/general.yaml", "em_core/data/question_sets/judges.yaml",
+            "em_core/resources/tiny_corpus.jsonl"} <= data
+    missing = sorted(files - set(wheel.namelist()))
+    assert not missing, f"not in the wheel (add them to [tool.setuptools.package-data]): {missing}"
+
+
+def test_wheel_installs_only_em_core(wheel) -> None:
+    """`entrypoints/` stays in the checkout for MLproject; installed, it would shadow the PyPI
+    package `entrypoints` (a dependency of common tools)."""
+    names = wheel.namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"em_core"}
+    assert not any(n.startswith("entrypoints") for n in names)
+    info = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert wheel.read(info).decode().split() == ["em_core"]
+    scripts = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "em = em_core.cli:main" in scripts
+
+
+def test_cli_reaches_every_step_through_em_core() -> None:
+    """`em <step>` imports only em_core modules, so it works where entrypoints/ is absent."""
+    import importlib
+
+    from em_core.cli import COMMANDS
+
+    for cmd, target in COMMANDS.items():
+        module, func = target.split(":")
+        assert module.split(".")[0] == "em_core", cmd
+        assert callable(getattr(importlib.import_module(module), func)), cmd
