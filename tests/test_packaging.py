@@ -69,3 +69,19 @@ def test_cli_reaches_every_step_through_em_core() -> None:
         module, func = target.split(":")
         assert module.split(".")[0] == "em_core", cmd
         assert callable(getattr(importlib.import_module(module), func)), cmd
+
+
+def test_outside_a_checkout_stores_and_outputs_go_to_the_working_directory(tmp_path, monkeypatch) -> None:
+    """Installed from the wheel, PROJECT_ROOT is site-packages: the default `mlruns/` and training
+    `outputs/` go under the current directory instead; in a checkout they stay in the checkout."""
+    from em_core import paths
+
+    monkeypatch.delenv("EM_LAB_MLRUNS", raising=False)
+    assert paths.work_root() == REPO and paths.mlruns_dir() == REPO / "mlruns"
+    site = tmp_path / "site-packages"
+    (site / "em_core").mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(paths, "PROJECT_ROOT", site)
+    monkeypatch.chdir(work)
+    assert paths.work_root() == work and paths.mlruns_dir() == work / "mlruns"

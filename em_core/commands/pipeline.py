@@ -27,10 +27,10 @@ def _pipeline(argv: list[str]) -> int:
         console_summary,
         run_pipeline,
     )
-    from em_core.paths import PROJECT_ROOT
+    from em_core.paths import project_file
 
-    if "--config" not in argv:
-        argv = ["--config", str(PROJECT_ROOT / DEFAULT_CONFIG), *argv]
+    if "--config" not in argv:  # ./configs/... first, else the checkout's
+        argv = ["--config", project_file(DEFAULT_CONFIG), *argv]
     cfg = parse_config(PipelineConfig, argv, prog="em pipeline")
     print(console_summary(run_pipeline(cfg)))
     return 0

@@ -24,10 +24,10 @@ def _sweep(argv: list[str]) -> int:
     from em_core.experiments.launch import sweep_on_ray
     from em_core.experiments.sweep import SweepConfig, run_sweep
 
-    if "--config" not in argv:
-        from em_core.paths import PROJECT_ROOT
+    if "--config" not in argv:  # ./configs/... first, else the checkout's
+        from em_core.paths import project_file
 
-        argv = ["--config", str(PROJECT_ROOT / "configs/sweep/tiny.yaml"), *argv]
+        argv = ["--config", project_file("configs/sweep/tiny.yaml"), *argv]
     cfg = parse_config(SweepConfig, argv, prog="em sweep")
     info = sweep_on_ray(cfg) if cfg.launcher == "ray" else run_sweep(cfg)
     print(f"study={info['study']} worker={info['worker']} finished_trials={info['trials']} "
