@@ -85,3 +85,51 @@ def test_outside_a_checkout_stores_and_outputs_go_to_the_working_directory(tmp_p
     monkeypatch.setattr(paths, "PROJECT_ROOT", site)
     monkeypatch.chdir(work)
     assert paths.work_root() == work and paths.mlruns_dir() == work / "mlruns"
+
+
+def _conda_requirements(conda_file: Path) -> tuple[list[str], list[str]]:
+    """The requirements `mlflow run .` installs from conda.yaml, with the project (`.[extras]`)
+    expanded into pyproject's dependencies and those extras; and the constraint files it uses."""
+    import re
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = yaml.safe_load(conda_file.read_text())["dependencies"]
+    (pip,) = [d["pip"] for d in deps if isinstance(d, dict)]
+    reqs, constraints = [], []
+    for line in pip:
+        if line.startswith("-c "):
+            constraints.append(line[3:].strip())
+        elif m := re.fullmatch(r"(?:-e )?\.(?:\[([\w,-]+)\])?", line.strip()):
+            reqs += project["dependencies"]
+            for extra in filter(None, (m.group(1) or "").split(",")):
+                reqs += project["optional-dependencies"][extra]
+        else:
+            reqs.append(line)
+    return reqs, constraints
+
+
+def test_conda_env_installs_every_pin_of_pyproject() -> None:
+    """conda.yaml had drifted (no cryptography, no gguf: `mlflow run .` with its default env
+    manager built an environment where some entry points fail); now it installs the project."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs, constraints = _conda_requirements(REPO / "conda.yaml")
+    name = lambda r: re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower()  # noqa: E731
+    want = project["dependencies"] + project["optional-dependencies"]["gguf"]
+    assert {"cryptography", "gguf"} <= {name(r) for r in want}
+    by_name: dict[str, set[str]] = {}
+    for r in reqs:
+        by_name.setdefault(name(r), set()).add(r.split(";")[0].strip())
+    missing = sorted({name(r) for r in want} - set(by_name))
+    assert not missing, f"conda.yaml does not install {missing}"
+    for r in want:
+        assert r.split(";")[0].strip() in by_name.get(name(r), set()), f"conda.yaml does not install {r}"
+        assert len(by_name[name(r)]) == 1, f"conda.yaml pins {name(r)} differently: {by_name[name(r)]}"
+    for c in constraints:
+        assert (REPO / c).is_file(), c
+    assert constraints == ["constraints-cpu.txt"]  # torch's pin, as .ci/run installs it
