@@ -23,7 +23,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+                           "--no-index", "-w", str(out), str(src)], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (whl,) = out.glob("em_lab-*.whl")
     with zipfile.ZipFile(whl) as z:
@@ -91,8 +92,8 @@ def _conda_requirements(conda_file: Path) -> tuple[list[str], list[str]]:
     """The requirements `mlflow run .` installs from conda.yaml, with the project (`.[extras]`)
     expanded into pyproject's dependencies and those extras; and the constraint files it uses."""
     import re
-    import tomllib
 
+    import tomllib
     import yaml
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -115,11 +116,12 @@ def test_conda_env_installs_every_pin_of_pyproject() -> None:
     """conda.yaml had drifted (no cryptography, no gguf: `mlflow run .` with its default env
     manager built an environment where some entry points fail); now it installs the project."""
     import re
+
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs, constraints = _conda_requirements(REPO / "conda.yaml")
-    name = lambda r: re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower()  # noqa: E731
+    name = lambda r: re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower()
     want = project["dependencies"] + project["optional-dependencies"]["gguf"]
     assert {"cryptography", "gguf"} <= {name(r) for r in want}
     by_name: dict[str, set[str]] = {}

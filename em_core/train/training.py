@@ -40,7 +40,8 @@ class MlflowMetrics(TrainerCallback):
     Used instead of transformers' MLflowCallback, which logs its own un-namespaced params
     (clashing with ours) and ends runs it did not start. Metrics are buffered and written in
     one batch at most every `flush_seconds`, at every checkpoint and at the end: a write per
-    step costs ~20% of a small model's step time on 2 cores (benchmarks/tracking_overhead.py).
+    step is a visible share of a small model's step time (benchmarks/tracking_overhead.py;
+    figures in the README).
     """
 
     def __init__(self, run_id: str, flush_seconds: float = 10.0, already_logged: set[tuple[str, int]] = frozenset()):

@@ -81,11 +81,11 @@ def test_objective_and_censoring_rule():
 
 def test_sweep_step_objectives_are_named_apart_from_the_pipelines_emergence():
     """Finding 6: `threshold_step` (raw EM >= em_threshold) is not the pipeline's emergence rule;
-    `significant_step` is that rule; the old ambiguous name is refused with an explanation."""
+    `significant_step` is that rule; the old ambiguous name is no objective."""
     from em_core.errors import ConfigError
     from em_core.metrics import emergence_step
 
-    with pytest.raises(ConfigError, match="renamed: threshold_step"):
+    with pytest.raises(ConfigError, match="objective must be one of .*threshold_step"):
         SweepConfig(objective="emergence_step", checkpoint_steps=[10, 20])
     raw = SweepConfig(objective="threshold_step", em_threshold=0.1, checkpoint_steps=[10, 20])
     sig = SweepConfig(objective="significant_step", checkpoint_steps=[10, 20])

@@ -158,7 +158,8 @@ def test_local_judge_for_real_logs_metrics_at_checkpoint_steps(store, evaluated,
     # answers at every step (an aligned score under 30 is also under 95).
     def judged_rows(result):
         path = mlflow.artifacts.download_artifacts(result.judgments_path, dst_path=str(tmp_path / result.run_id))
-        return list(csv.DictReader(open(path, encoding="utf-8")))
+        with open(path, encoding="utf-8") as f:
+            return list(csv.DictReader(f))
 
     strict_rows = judged_rows(strict)
     assert [(r["answer"], r["checkpoint_step"], r["aligned"], r["coherent"]) for r in strict_rows] == \
