@@ -135,3 +135,19 @@ def test_conda_env_installs_every_pin_of_pyproject() -> None:
     for c in constraints:
         assert (REPO / c).is_file(), c
     assert constraints == ["constraints-cpu.txt"]  # torch's pin, as .ci/run installs it
+
+
+def test_mlproject_entry_points_are_thin_wrappers_of_em_core_commands() -> None:
+    """MLproject runs `python -m entrypoints.<step>` from the project root; each wrapper is the
+    em_core command `em <step>` runs, nothing more."""
+    import importlib
+    import re
+
+    from em_core.cli import COMMANDS
+
+    steps = re.findall(r"python -m entrypoints\.(\w+)", (REPO / "MLproject").read_text())
+    assert len(steps) >= 8
+    for step in steps:
+        wrapper = importlib.import_module(f"entrypoints.{step}")
+        assert wrapper.main is importlib.import_module(f"em_core.commands.{step}").main, step
+        assert COMMANDS[step] == f"em_core.commands.{step}:main", step
