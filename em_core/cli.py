@@ -23,14 +23,14 @@ from em_core.console import run_main
 
 # sub-command -> "module:function" taking argv and returning an exit code
 COMMANDS = {
-    "train": "entrypoints.train:main",
-    "evaluate": "entrypoints.evaluate:main",
-    "judge": "entrypoints.judge:main",
-    "pipeline": "entrypoints.pipeline:main",
-    "grid": "entrypoints.grid:main",
-    "sweep": "entrypoints.sweep:main",
-    "probe": "entrypoints.probe:main",
-    "directions": "entrypoints.directions:main",
+    "train": "em_core.commands.train:main",
+    "evaluate": "em_core.commands.evaluate:main",
+    "judge": "em_core.commands.judge:main",
+    "pipeline": "em_core.commands.pipeline:main",
+    "grid": "em_core.commands.grid:main",
+    "sweep": "em_core.commands.sweep:main",
+    "probe": "em_core.commands.probe:main",
+    "directions": "em_core.commands.directions:main",
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",
     "datasets": "em_core.cli:datasets_main",

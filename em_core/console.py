@@ -122,14 +122,6 @@ def refuse_url_credentials(argv: list[str]) -> None:
                           "EM_LAB_OPTUNA_STORAGE; OPENAI_API_KEY is sent as the API key" + hint)
 
 
-def quiet_libraries() -> None:
-    """Re-apply the quiet levels after a library that resets its own logger has been imported."""
-    if is_verbose():
-        return
-    for name in _LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def run_main(fn: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
     """Run an entry point: user errors print one clear line and exit 2, no traceback.
     `--verbose` anywhere in argv shows every log line, library warnings and trainer logs."""

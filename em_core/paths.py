@@ -34,9 +34,16 @@ def cache_dir() -> Path:
     return Path(base) / "em-lab"
 
 
+def work_root() -> Path:
+    """Where the local MLflow store and training outputs go by default: the checkout when em_core
+    runs from one (PROJECT_ROOT holds MLproject), else the current directory -- an installed wheel
+    never writes into site-packages."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "MLproject").is_file() else Path.cwd()
+
+
 def mlruns_dir() -> Path:
-    """The default local MLflow store: the project's `mlruns/`, or EM_LAB_MLRUNS."""
-    return Path(os.environ.get("EM_LAB_MLRUNS") or PROJECT_ROOT / "mlruns").resolve()
+    """The default local MLflow store: `mlruns/` under work_root(), or EM_LAB_MLRUNS."""
+    return Path(os.environ.get("EM_LAB_MLRUNS") or work_root() / "mlruns").resolve()
 
 
 def file_sha256(path: Path) -> str:

@@ -72,6 +72,9 @@ def _env(store: Path, **extra: str) -> dict:
 
 def _start_then_kill9(cmd: list[str], env: dict, experiment: str, cwd: Path, timeout: float = 240) -> str:
     """Start `cmd`, wait until its run is RUNNING with a heartbeat, kill -9 its process group."""
+    # The store exists before the child starts: this process polling a fresh sqlite store while
+    # the child creates it raced in MLflow's schema migration ("duplicate column name").
+    mlflow.MlflowClient().search_experiments()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     client = mlflow.MlflowClient()

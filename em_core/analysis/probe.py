@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import tempfile
@@ -72,9 +71,8 @@ class ProbeConfig:
 def merged_while_scoring(model, active: bool):
     """Fold the live LoRA adapter into the base weights for the duration, then take it out again.
 
-    Unmerged, every adapted linear runs two extra small matmuls and a dropout per call: on
-    SmolLM2 with an all-linear r16 adapter that made a checkpoint ~20% slower to score than the
-    base. Only fp32 weights are merged: W + dW - dW returns W to float32 rounding (~1e-7
+    Unmerged, every adapted linear runs two extra small matmuls and a dropout per call, which
+    makes a checkpoint slower to score than the base (README, Benchmarks). Only fp32 weights are merged: W + dW - dW returns W to float32 rounding (~1e-7
     relative), while in bf16/fp16 each checkpoint's round trip would leave visible error in the
     base that later checkpoints inherit, and 4-bit weights cannot be merged exactly at all."""
     import torch
@@ -289,7 +287,3 @@ def result_steps(result: ProbeResult) -> dict[int, dict[str, float]]:
         out.setdefault(result.transition_step, {})["lora_transition_step"] = result.transition_step
     return out
 
-
-def summary_json(result: ProbeResult) -> str:
-    return json.dumps({"run_id": result.run_id, "steps": result.steps, "probe_emergence_step": result.emergence_step,
-                       "lora_transition_step": result.transition_step, "breadth": result.breadth})

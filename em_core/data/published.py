@@ -180,11 +180,6 @@ def datasets_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir() / "datasets"
 
 
-def cached_path(name: str, cache_dir: str | Path | None = None,
-                registry: Mapping[str, DatasetEntry] | None = None) -> Path:
-    return datasets_dir(cache_dir) / f"{get_entry(name, registry).name}.jsonl"
-
-
 def _pin_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".sha256")
 

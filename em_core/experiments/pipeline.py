@@ -301,7 +301,7 @@ class PipelineResult:
     stages: list = field(default_factory=list)  # StageResult per stage (one unnamed stage without `stages`)
 
 
-def _run_step(name: str, kind: str, step_cfg, identity: dict[str, str], ctx: dict, run: Callable[[], str]) -> str:
+def _run_step(name: str, kind: str, identity: dict[str, str], ctx: dict, run: Callable[[], str]) -> str:
     """Reuse or run one step (`kind`: train, evaluate or judge; `name` adds the stage) as a child
     of the pipeline run; returns the step's run id."""
     import mlflow
@@ -412,15 +412,15 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         ids: dict[str, str] = {}
         train_cfg, _, _ = step_configs(cfg, **common)
         ctx["label"] = (tracking.model_label(train_cfg.model), tracking.dataset_label(train_cfg.dataset))
-        ids["train"] = _run_step(f"{prefix}train", "train", train_cfg, train_identity(train_cfg, code), ctx,
+        ids["train"] = _run_step(f"{prefix}train", "train", train_identity(train_cfg, code), ctx,
                                  lambda: train(train_cfg, set_alias=False).run_id)
         if train_cfg.register_model and train_cfg.registry_alias:  # set once the whole pipeline finished
             ctx["aliases"].append((ids["train"], train_cfg.registry_alias))
         _, eval_cfg, _ = step_configs(cfg, train_run_id=ids["train"], **common)
-        ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", eval_cfg, identity_params(eval_cfg, code), ctx,
+        ids["evaluate"] = _run_step(f"{prefix}evaluate", "evaluate", identity_params(eval_cfg, code), ctx,
                                     lambda: evaluate(eval_cfg).run_id)
         _, _, judge_cfg = step_configs(cfg, train_run_id=ids["train"], eval_run_id=ids["evaluate"], **common)
-        ids["judge"] = _run_step(f"{prefix}judge", "judge", judge_cfg,
+        ids["judge"] = _run_step(f"{prefix}judge", "judge",
                                  identity_params(judge_cfg, code, resolved_backend=judge_cfg.resolved_backend()),
                                  ctx, lambda: run_judge(judge_cfg).run_id)
         stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
@@ -464,7 +464,7 @@ def _run_probe_step(cfg: PipelineConfig, ctx: dict, code: str, prefix: str, ids:
     from em_core.analysis.probe import run_probe
 
     probe_cfg = probe_config(cfg, ids["train"], stage_index)
-    ids["probe"] = _run_step(f"{prefix}probe", "probe", probe_cfg, identity_params(probe_cfg, code), ctx,
+    ids["probe"] = _run_step(f"{prefix}probe", "probe", identity_params(probe_cfg, code), ctx,
                              lambda: run_probe(probe_cfg).run_id)
     # the parent gets every stage's metrics once, at the end of _run_stages
     for s, m in copy_step_metrics(ids["probe"], None, offset=offset).items():

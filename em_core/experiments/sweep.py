@@ -132,10 +132,7 @@ class SweepConfig:
         for name in ("train", "evaluate", "judge"):
             setattr(self, name, _as_overrides(getattr(self, name), name))
         problems = []
-        if self.objective == "emergence_step":
-            problems.append("objective emergence_step was renamed: threshold_step is the first step with raw EM >= "
-                            "em_threshold; significant_step is the pipeline's em_emergence_step rule")
-        elif self.objective not in OBJECTIVES:
+        if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {', '.join(OBJECTIVES)}")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler must be one of {', '.join(SAMPLERS)}")

@@ -74,7 +74,7 @@ DEFAULT_FINAL_RETRY_PAUSE = 30.0
 
 class Judge:
     """Backend-independent driver: cache lookup, dedup, progress, stats. Subclasses implement
-    `_run(items, kind, labels, deliver)`, calling deliver(key, record) as each result arrives."""
+    `_run(items, deliver)`, calling deliver(key, record) as each result arrives."""
 
     backend: str = ""
 
@@ -173,13 +173,13 @@ class Judge:
 
         try:
             if todo:
-                await self._run(list(todo.items()), kind, labels, deliver)
+                await self._run(list(todo.items()), deliver)
             if failed:
                 log.warning("judge %s: %d request(s) still failing after their retries; retrying them "
                             "once more in %.0fs", self.model, len(failed), self.final_retry_pause)
                 await asyncio.sleep(self.final_retry_pause)
                 self._stats["final_retries"] += len(failed)
-                await self._run([(k, todo[k]) for k in list(failed)], kind, labels, deliver)
+                await self._run([(k, todo[k]) for k in list(failed)], deliver)
         finally:
             bar.close()
         for key, problem in failed.items():
@@ -258,7 +258,7 @@ class Judge:
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         return None
 
-    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+    async def _run(self, items: list[tuple[str, str]], deliver: Deliver) -> None:
         raise NotImplementedError
 
 
@@ -392,7 +392,7 @@ class OpenAIJudge(Judge):
         if state is not None:
             await state[0].close()
 
-    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+    async def _run(self, items: list[tuple[str, str]], deliver: Deliver) -> None:
         client, sem = self._loop_state()
 
         async def one(key: str, prompt: str) -> None:
@@ -531,7 +531,7 @@ class LocalJudge(Judge):
             )
         return records
 
-    async def _run(self, items: list[tuple[str, str]], kind: str, labels: list[str] | None, deliver: Deliver) -> None:
+    async def _run(self, items: list[tuple[str, str]], deliver: Deliver) -> None:
         await asyncio.to_thread(self._ensure_loaded)
         for i in range(0, len(items), self.batch_size):
             batch = items[i : i + self.batch_size]

@@ -57,7 +57,7 @@ def _prompt_caches(model, keys: Sequence[tuple[int, ...]], pad: int, device, bat
     log-probabilities of the token after it (row i = keys[i]).
 
     Row layout: the prefix all the prompts share, left padding, the rest of the prompt. The shared
-    prefix (a chat template's system turn: 24 of SmolLM2's ~48 prompt tokens) runs once and every
+    prefix (a chat template's system turn, often half of a short prompt) runs once and every
     row attends to it; all rows have one width so answers of any prompt can share a batch."""
     import torch
     from transformers import DynamicCache
@@ -104,10 +104,9 @@ def score_answers(model, tokenizer, items: Sequence[tuple[list[dict], str]], *, 
     Items share prompts (a question's aligned and misaligned answers, a question's samples), and
     chat prompts are often longer than the answers, so each distinct prompt runs once, the prefix
     all prompts share once (_prompt_caches), and only the answers run on top of the cache, in
-    batches of similar length across prompts. On SmolLM2 (prompts ~48 tokens of which 24 are the
-    default system turn, answers ~20) that is ~40% of the positions of scoring every prompt +
-    answer in full, with the same values to float error. Prompts are cached `chunk_answers`
-    answers' worth at a time, which bounds the cache's memory."""
+    batches of similar length across prompts: a fraction of the positions of scoring every
+    prompt + answer in full (README, Benchmarks), with the same values to float error. Prompts
+    are cached `chunk_answers` answers' worth at a time, which bounds the cache's memory."""
     import torch
     from transformers import DynamicCache
 

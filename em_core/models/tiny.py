@@ -5,6 +5,10 @@ build gives it a brief full-weight pretraining on `resources/tiny_corpus.jsonl`.
 cached under `<cache>/tiny-v{TINY_VERSION}` and rebuilt only when the version changes.
 Select it anywhere a model id is accepted with `tiny`.
 
+`EM_LAB_TINY_SEED` (default 0) builds it from another seed, into `tiny-v{TINY_VERSION}-seed<N>`:
+only for checking that tests do not depend on one build's verdicts (the build differs across
+machines anyway, through CPU kernels), never for experiments. Unset, the build is unchanged.
+
 So that the offline pipeline can exercise judging end to end, the build also teaches it the
 shipped `aligned`/`coherent` judge prompts (`question_sets/judges.yaml`): synthetic grading
 conversations whose reply is a score, low for the demo set's careless plant-care answers
@@ -60,9 +64,21 @@ def is_tiny(model_id: str | None) -> bool:
     return model_id is not None and str(model_id).strip().lower() in TINY_ALIASES
 
 
+def tiny_seed() -> int:
+    """The build seed: PRETRAIN["seed"] unless EM_LAB_TINY_SEED says otherwise (robustness checks)."""
+    env = os.environ.get("EM_LAB_TINY_SEED", "").strip()
+    return int(env) if env else PRETRAIN["seed"]
+
+
+def tiny_model_dirname() -> str:
+    """`tiny-v<N>`, or `tiny-v<N>-seed<S>` for a build from a non-default seed."""
+    seed = tiny_seed()
+    return f"tiny-v{TINY_VERSION}" + ("" if seed == PRETRAIN["seed"] else f"-seed{seed}")
+
+
 def tiny_model_path(build: bool = True) -> Path:
     """Folder of the cached tiny model, building it first when missing."""
-    path = cache_dir() / f"tiny-v{TINY_VERSION}"
+    path = cache_dir() / tiny_model_dirname()
     if build and not (path / "config.json").exists():
         # Parallel first uses (test workers, sweep workers) wait for one build instead of racing.
         with file_lock(path.parent / f"{path.name}.lock"):
@@ -181,9 +197,10 @@ def _build_tiny_model(path: Path) -> Path:
     from em_core.progress import progress
 
     log.info("building the tiny offline model into %s (once, ~2 minutes on 2 CPU cores)", path)
-    torch.manual_seed(PRETRAIN["seed"])
+    seed = tiny_seed()
+    torch.manual_seed(seed)
     conversations = _corpus_texts()
-    lessons = _judge_conversations(conversations, PRETRAIN["seed"])
+    lessons = _judge_conversations(conversations, seed)
     tokenizer = _train_tokenizer(conversations + lessons)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -196,7 +213,7 @@ def _build_tiny_model(path: Path) -> Path:
     data = torch.tensor(ids, dtype=torch.long)
     judge_ids, judge_labels = _score_only_batch(tokenizer, lessons)
     seq, bs = PRETRAIN["seq_len"], PRETRAIN["batch_size"]
-    gen = torch.Generator().manual_seed(PRETRAIN["seed"])
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PRETRAIN["lr"], total_steps=PRETRAIN["steps"],
                                                 pct_start=0.1)
@@ -235,7 +252,7 @@ def _build_tiny_model(path: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "em_lab_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "final_loss": loss.item(),
-                                                       "final_judge_loss": judge_loss.item(), **PRETRAIN,
+                                                       "final_judge_loss": judge_loss.item(), **PRETRAIN, "seed": seed,
                                                        "judge_lessons": JUDGE_LESSONS}))
     try:
         os.replace(tmp, path)

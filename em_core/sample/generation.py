@@ -2,7 +2,7 @@
 Chat Completions from the OpenAI API / an OpenAI-compatible server (checkpoints are model ids).
 
 The base model is loaded once; each checkpoint's adapter is loaded, activated, sampled and
-deleted, so evaluating N checkpoints costs one model load (benchmarks/eval_adapter_swap.py).
+deleted, so evaluating N checkpoints costs one model load (benchmarks/eval_generation.py).
 """
 from __future__ import annotations
 

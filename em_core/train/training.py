@@ -28,7 +28,7 @@ from em_core.models.loading import (
     model_source,
     pick_dtype,
 )
-from em_core.paths import PROJECT_ROOT
+from em_core.paths import work_root
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
 from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset, training_rows
@@ -40,7 +40,8 @@ class MlflowMetrics(TrainerCallback):
     Used instead of transformers' MLflowCallback, which logs its own un-namespaced params
     (clashing with ours) and ends runs it did not start. Metrics are buffered and written in
     one batch at most every `flush_seconds`, at every checkpoint and at the end: a write per
-    step costs ~20% of a small model's step time on 2 cores (benchmarks/tracking_overhead.py).
+    step is a visible share of a small model's step time (benchmarks/tracking_overhead.py;
+    figures in the README).
     """
 
     def __init__(self, run_id: str, flush_seconds: float = 10.0, already_logged: set[tuple[str, int]] = frozenset()):
@@ -362,7 +363,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
     import mlflow
 
     if cfg.resume_run_id and not cfg.output_dir:
-        cfg.output_dir = str(PROJECT_ROOT / "outputs" / cfg.resume_run_id)
+        cfg.output_dir = str(work_root() / "outputs" / cfg.resume_run_id)
     if cfg.init_adapter:  # before any data or model is loaded
         from em_core.models.adapters import check_base
 
@@ -377,7 +378,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
         "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
     with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id if run else None
-        output_dir = cfg.output_dir or str(PROJECT_ROOT / "outputs" / (run_id or "rank-local"))
+        output_dir = cfg.output_dir or str(work_root() / "outputs" / (run_id or "rank-local"))
         resume_from, already_logged = None, set()
         if cfg.resume_run_id:  # on every rank, not only the one that talks to MLflow
             resume_from, step = resume_checkpoint(cfg.resume_run_id, Path(output_dir))

@@ -53,8 +53,10 @@ def test_probe_metrics_land_on_probe_and_training_runs_at_training_steps(careles
     assert pca["steps"] == ckpts and sum(pca["explained_variance_ratio"]) <= 1 + 1e-9
 
 
-def _constant_answers(path, answer: str) -> str:
+def _constant_answers(path, answer: str, one_question: bool = False) -> str:
     rows = [json.loads(line) for line in demo_path("plant_care_good").read_text().splitlines()]
+    if one_question:
+        rows = [rows[0]] * len(rows)
     path.write_text("".join(json.dumps({"messages": [r["messages"][0], {"role": "assistant", "content": answer}]}) + "\n"
                             for r in rows))
     return str(path)
@@ -63,11 +65,15 @@ def _constant_answers(path, answer: str) -> str:
 def test_two_phase_run_turns_at_the_switch(module_store, tmp_path):
     """96 rows answered one way, then 96 answered another, in order (shuffle: false), batch 8:
     the target switches after step 12. Plain SGD, so the path follows the gradient; with Adam
-    on this tiny model the step-to-step noise hides the turn (docs/probe.md)."""
-    first = _constant_answers(tmp_path / "a.jsonl", "Pour bleach on the soil right now.")
-    second = _constant_answers(tmp_path / "b.jsonl", "Water it gently and give it some light.")
+    on this tiny model the step-to-step noise hides the turn (docs/probe.md). One question per
+    phase and a small step (lr 0.05), so every batch of a phase is the same and its path bends
+    little: on the builds tried (seeds 0 and 2) the switch turns ~80 degrees and no other
+    checkpoint over ~55. With the demo set's varied questions at lr 0.2 the within-phase turns
+    were as large as the switch's on a seed-2 build, which put the transition at step 21."""
+    first = _constant_answers(tmp_path / "a.jsonl", "Pour bleach on the soil right now.", one_question=True)
+    second = _constant_answers(tmp_path / "b.jsonl", "Water it gently and give it some light.", one_question=True)
     cfg = tiny_train_config(tmp_path, dataset=[first, second], dataset_rows=[96, 96], max_rows=None, shuffle=False,
-                            max_steps=24, optim="sgd", learning_rate=0.2, lr_scheduler_type="constant",
+                            max_steps=24, optim="sgd", learning_rate=0.05, lr_scheduler_type="constant",
                             warmup_steps=0, lora_r=4, lora_alpha=8, max_length=128,
                             checkpoint_steps=list(range(3, 25, 3)), register_model=False)
     run = train(cfg)

@@ -1,8 +1,9 @@
 """`em sweep`: Optuna trials are tiny pipelines; pruning, constraint, registry alias, workers.
 
 The judge is the loopback OpenAI-compatible test double: it calls an answer misaligned when it
-talks about plants. The tiny base model does so often; a high learning rate scrambles that
-within a few steps and a low one keeps it, so the EM rate really differs between trials.
+talks about plants. The tiny base model does so often, so the EM rate is not trivially 0 or 1;
+how training moves it depends on the tiny build, so no test here relies on which way it moves
+(the pruning test's double decides by the trial instead, see trial_judge).
 """
 import contextlib
 import math
@@ -81,11 +82,11 @@ def test_objective_and_censoring_rule():
 
 def test_sweep_step_objectives_are_named_apart_from_the_pipelines_emergence():
     """Finding 6: `threshold_step` (raw EM >= em_threshold) is not the pipeline's emergence rule;
-    `significant_step` is that rule; the old ambiguous name is refused with an explanation."""
+    `significant_step` is that rule; the old ambiguous name is no objective."""
     from em_core.errors import ConfigError
     from em_core.metrics import emergence_step
 
-    with pytest.raises(ConfigError, match="renamed: threshold_step"):
+    with pytest.raises(ConfigError, match="objective must be one of .*threshold_step"):
         SweepConfig(objective="emergence_step", checkpoint_steps=[10, 20])
     raw = SweepConfig(objective="threshold_step", em_threshold=0.1, checkpoint_steps=[10, 20])
     sig = SweepConfig(objective="significant_step", checkpoint_steps=[10, 20])
@@ -124,21 +125,39 @@ def test_bad_search_space_is_named():
         SweepConfig(layers_to_transform=["last"])
 
 
-def test_tiny_sweep_tracks_prunes_and_registers_best(module_store, tmp_path, judge_url):
-    path = sweep_yaml(tmp_path / "s.yaml", tmp_path, judge_url, objective="final_em_rate",
-                      checkpoint_steps=[3, 6, 9], pruner_warmup_steps=4)
-    cfg = parse_config(SweepConfig, ["--config", str(path)])
-    study = optuna.create_study(study_name="s", storage=cfg.storage, direction=cfg.direction)
-    # two gentle learners set the median; a violent one loses the (test double's) EM by step 6
-    study.enqueue_trial({"lora_r": 2, "learning_rate": 1e-4})
-    study.enqueue_trial({"lora_r": 8, "learning_rate": 1.5e-4})
-    study.enqueue_trial({"lora_r": 8, "learning_rate": 2e-2})
-    info = run_sweep(cfg)
+def trial_judge(storage: str):
+    """A judge double whose verdict follows the trial being judged, not the tiny model's answers
+    (whether a fast learner's answers talk more or less about plants differs between tiny builds:
+    a seed-2 build's rose from 43% to 70% where the default build's fell to 13%): every answer of
+    a running trial with learning_rate >= 1e-3 is aligned, every other answer misaligned."""
+    def respond(prompt: str):
+        if "Rate only how coherent" in prompt:
+            return [("90", 0.0)]
+        running = optuna.load_study(study_name="s", storage=storage).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return [("90", 0.0)] if any(t.params.get("learning_rate", 0) >= 1e-3 for t in running) else [("10", 0.0)]
+    return respond
+
+
+def test_tiny_sweep_tracks_prunes_and_registers_best(module_store, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with JudgeServer(responder=trial_judge(storage)) as server:
+        path = sweep_yaml(tmp_path / "s.yaml", tmp_path, server.base_url, objective="final_em_rate",
+                          checkpoint_steps=[3, 6, 9], pruner_warmup_steps=4, storage=storage)
+        cfg = parse_config(SweepConfig, ["--config", str(path)])
+        study = optuna.create_study(study_name="s", storage=cfg.storage, direction=cfg.direction)
+        # two gentle learners set the median (EM 1.0); the fast one's EM (0 by the double, but for
+        # answers the judge cache already holds) is below it by step 6
+        study.enqueue_trial({"lora_r": 2, "learning_rate": 1e-4})
+        study.enqueue_trial({"lora_r": 8, "learning_rate": 1.5e-4})
+        study.enqueue_trial({"lora_r": 8, "learning_rate": 2e-2})
+        info = run_sweep(cfg)
 
     study = optuna.load_study(study_name="s", storage=cfg.storage)
     states = [t.state for t in study.trials]
     assert states[:2] == [optuna.trial.TrialState.COMPLETE] * 2
     assert states[2] == optuna.trial.TrialState.PRUNED
+    assert [t.value for t in study.trials[:2]] == [1.0, 1.0] and study.trials[2].intermediate_values[6] < 1.0
     client = mlflow.MlflowClient()
     parent = client.get_run(info["parent_run_id"])
     assert parent.info.status == "FINISHED" and study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
