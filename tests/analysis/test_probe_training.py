@@ -87,7 +87,6 @@ def test_two_phase_run_turns_at_the_switch(module_store, tmp_path):
 def test_scoring_a_merged_adapter_equals_scoring_it_unmerged_and_restores_the_base(careless, tmp_path):
     """The scorer folds each checkpoint's adapter into fp32 base weights while it scores (faster on
     a CPU) and takes it out again: same log-likelihoods as the unmerged adapter, same base after."""
-    import torch
 
     from em_core.analysis.probe import ProbeScorer, merged_while_scoring
     from em_core.data.contrast_sets import load_contrast_sets
