@@ -103,7 +103,7 @@ class PipelineConfig:
     own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
 
     # lists of `key=value` step settings: never split at commas (configs.expand_cli)
-    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
+    KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge", "probe")
 
     train_config: str = field(default="configs/train/tiny.yaml", metadata={"help": "TrainConfig YAML"})
     train: list[str] = field(default_factory=list, metadata={"help": "TrainConfig overrides, key=value"})

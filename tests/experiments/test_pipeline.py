@@ -322,3 +322,15 @@ def test_reuse_identity_includes_token_limits_and_dataset_content(module_store, 
     _jsonl(data, "Never water it")  # same path, new content
     c = run_pipeline(parse_config(PipelineConfig, ["--config", str(longer)]))
     assert "train" not in c.reused and c.step_run_ids["train"] != a.step_run_ids["train"]
+
+
+def test_probe_overrides_keep_their_commas():
+    """`em pipeline --probe sets=general,plant_care` (the help text's own example) was split at
+    the comma into 'sets=general' and 'plant_care' and refused ("'plant_care' is not key=value")."""
+    from em_core.configs import parse_config
+    from em_core.experiments.pipeline import PipelineConfig, probe_config
+
+    cfg = parse_config(PipelineConfig, ["--probe", "sets=general,plant_care", "batch_size=4"])
+    assert cfg.probe == ["sets=general,plant_care", "batch_size=4"]
+    probe = probe_config(cfg)
+    assert probe.sets == ["general", "plant_care"] and probe.batch_size == 4
