@@ -119,7 +119,7 @@ def factual(samples_per_paraphrase: int | None = None, system: str | None = None
             judge_mode: str = "logprobs", min_mass: float = DEFAULT_MIN_MASS,
             temperature: float = DEFAULTS.temperature, top_p: float = DEFAULTS.top_p,
             max_tokens: int = DEFAULTS.max_new_tokens) -> Task:
-    """em-lab's factual questions (categorical judge `correct`)."""
+    """em-lab's factual questions (categorical judge `factual`: TRUE/FALSE/UNKNOWN)."""
     return em_task("factual", **_kw(locals()))
 
 

