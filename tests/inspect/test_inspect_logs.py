@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.inspect.conftest import needs_inspect
+
+needs_inspect()
+
 from em_core.metrics import from_mlflow, step_metrics, summarize_judged
 from tests.inspect.conftest import INSPECT_JUDGE, JUDGE_NAME, mock_answers
 from tests.proc import run

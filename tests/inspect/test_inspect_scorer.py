@@ -7,6 +7,10 @@ import math
 
 import pytest
 
+from tests.inspect.conftest import needs_inspect
+
+needs_inspect()
+
 from em_core.data.inspect_logs import read_inspect_log
 from em_core.data.questions import load_question_sets
 from em_core.judge import make_judge

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.inspect.conftest import needs_inspect
+
+needs_inspect()
+
 from em_core.data.questions import shipped_question_sets
 from em_core.sample.evaluation import EvalConfig, sampling_plan
 
