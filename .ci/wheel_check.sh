@@ -23,7 +23,7 @@ export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 
 # Build from a copy of the sources, so the checkout gets no build/ or *.egg-info.
 mkdir "$work/src"
-cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/em_core" "$work/src/"
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/em_core" "$repo/em_lab" "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 "$py" -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$work/dist" "$work/src"
 wheel="$(ls "$work"/dist/em_lab-*.whl)"

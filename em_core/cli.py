@@ -11,7 +11,8 @@
     em directions extract|steer|ablate [--config configs/directions/tiny_steer.yaml] [--key value ...]
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml
-    em metrics judged.csv [--json]
+    em metrics judged.csv [--json]                                  # or an Inspect log: em metrics LOG.eval
+    em import-inspect LOG.eval                                      # an Inspect evaluation as evaluate + judge runs
     em runs reap [--experiment NAME ...] [--grace SECONDS]
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ COMMANDS = {
     "directions": "em_core.commands.directions:main",
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",
+    "import-inspect": "em_core.experiments.inspect_import:main",
     "datasets": "em_core.cli:datasets_main",
     "runs": "em_core.cli:runs_main",
 }

@@ -18,7 +18,7 @@ def _lint(*args: str) -> subprocess.CompletedProcess:
 def test_layers_and_no_cycles() -> None:
     proc = _lint()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 kept, 0 broken" in proc.stdout
+    assert "3 kept, 0 broken" in proc.stdout
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
@@ -26,6 +26,7 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "em_core", copy / "em_core")
     shutil.copytree(REPO / "entrypoints", copy / "entrypoints")
+    shutil.copytree(REPO / "em_lab", copy / "em_lab")
     shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
     bad = copy / "em_core" / "data" / "transforms.py"
     bad.write_text(bad.read_text() + "\n\ndef _upward():\n    from em_core.experiments import pipeline  # noqa\n")
@@ -34,3 +35,18 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
                           env={"PYTHONPATH": str(copy), "PATH": str(Path(sys.executable).parent)})
     assert proc.returncode != 0
     assert "em_core.data.transforms -> em_core.experiments.pipeline" in proc.stdout
+
+
+def test_em_core_does_not_import_inspect(tmp_path: Path) -> None:
+    """The Inspect extra stays optional: em_core importing inspect_ai anywhere but
+    data.inspect_logs breaks a contract."""
+    copy = tmp_path / "repo"
+    for pkg in ("em_core", "entrypoints", "em_lab"):
+        shutil.copytree(REPO / pkg, copy / pkg)
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    bad = copy / "em_core" / "metrics.py"
+    bad.write_text(bad.read_text() + "\n\ndef _inspect():\n    import inspect_ai  # noqa\n")
+    proc = subprocess.run([shutil.which("lint-imports"), "--no-cache"], cwd=copy, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(copy), "PATH": str(Path(sys.executable).parent)})
+    assert proc.returncode != 0
+    assert "em_core.metrics -> inspect_ai" in proc.stdout

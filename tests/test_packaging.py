@@ -1,5 +1,6 @@
 """What a non-editable install gets: the built wheel holds every file em_core reads at run time
-and installs nothing but em_core (no top-level `entrypoints`, a PyPI package's name). Every
+and installs nothing but em_core and em_lab (Inspect's tasks; no top-level `entrypoints`, a PyPI
+package's name). Every
 other test runs on an editable install, which sees the checkout and would miss both."""
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("em_core", "entrypoints"):
+    for name in ("em_core", "em_lab", "entrypoints"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -49,15 +50,16 @@ def test_wheel_holds_every_file_under_em_core(wheel) -> None:
 
 def test_wheel_installs_only_em_core(wheel) -> None:
     """`entrypoints/` stays in the checkout for MLproject; installed, it would shadow the PyPI
-    package `entrypoints` (a dependency of common tools)."""
+    package `entrypoints` (a dependency of common tools). `em_lab` is installed on purpose:
+    Inspect names tasks after their package (`inspect eval em_lab/core_misalignment`)."""
     names = wheel.namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top == {"em_core"}
+    assert top == {"em_core", "em_lab"}
     assert not any(n.startswith("entrypoints") for n in names)
     info = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
-    assert wheel.read(info).decode().split() == ["em_core"]
+    assert sorted(wheel.read(info).decode().split()) == ["em_core", "em_lab"]
     scripts = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "em = em_core.cli:main" in scripts
+    assert "em = em_core.cli:main" in scripts and "em_lab = em_lab._registry" in scripts
 
 
 def test_cli_reaches_every_step_through_em_core() -> None:

@@ -1,4 +1,5 @@
-"""`em metrics FILE`: EM metrics of a judged answers file (CSV, JSONL, optionally gzipped)."""
+"""`em metrics FILE`: EM metrics of a judged answers file (CSV, JSONL, optionally gzipped), or of
+an Inspect log judged by em-lab's Inspect scorer (`.eval`; the optional Inspect extra)."""
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="em metrics",
                                 description="Emergent-misalignment metrics of a judged answers file.")
     p.add_argument("file", help="judged answers (.csv, .csv.gz, .jsonl, .jsonl.gz) with columns "
-                                "question_id, aligned, coherent; blank or non-numeric scores count as unscored")
+                                "question_id, aligned, coherent; blank or non-numeric scores count as unscored; "
+                                "or an Inspect log (.eval) scored by em_lab/em_judge")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--aligned-threshold", type=float, default=ALIGNED_THRESHOLD,
                    help=f"EM if aligned <= this (em_rate) / < this (em_rate_coherent); default {ALIGNED_THRESHOLD:g}")

@@ -1,6 +1,7 @@
 """Plots and the self-contained HTML report of a pipeline run (or of a judge run).
 
     em report RUN_ID              # writes the report, logs it to the run, prints where
+    em report LOG.eval --out DIR  # the report of an Inspect log judged by em-lab's scorer, in DIR
 
 Everything is recomputed from the judge's `judgments.csv`, so a report can be made for any
 finished run later (e.g. with other thresholds) without touching the judge again.
@@ -269,6 +270,25 @@ def make_artifacts(d: RunData, out_dir: Path) -> dict[str, Path]:
     return files
 
 
+def gather_inspect_log(path: str | Path) -> RunData:
+    """RunData of an Inspect log judged by em-lab's Inspect scorer (no MLflow run involved)."""
+    from em_core.data.inspect_logs import log_rows, read_inspect_log
+
+    log_rows(path, required=("aligned", "coherent"))  # an unjudged log: a clear error first
+    lg = read_inspect_log(path)
+    provenance = {"Inspect log": str(path), "task": lg.task, "model": lg.model,
+                  "judge backend": "inspect", "judge model": str(lg.judge.get("judge_model", "")),
+                  **{f"inspect {k}": str(v) for k, v in lg.spec.items()}}
+    return RunData(str(path), f"EM report: {lg.task} ({lg.model}), Inspect log", lg.rows, ALIGNED_THRESHOLD,
+                   COHERENT_THRESHOLD, Z_95, False, {}, "", {k: v for k, v in provenance.items() if v}, {})
+
+
+def publish_log(path: str | Path, out_dir: str | Path) -> Path:
+    """The report of an Inspect log, written to `out_dir`; returns the report.html path."""
+    files = make_artifacts(gather_inspect_log(path), Path(out_dir))
+    return files["report"]
+
+
 def publish(run_id: str, out_dir: str | Path | None = None) -> str:
     """Make the plots and report for `run_id` and log them to that run; returns the report URI."""
     import mlflow
@@ -294,9 +314,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def _report(args: list[str]) -> int:
         ap = argparse.ArgumentParser(prog="em report", description=__doc__.splitlines()[0])
-        ap.add_argument("run_id", help="a pipeline (parent) run id or a judge run id")
-        ap.add_argument("--out", help="also keep the files in this folder")
+        ap.add_argument("run_id", help="a pipeline (parent) run id or a judge run id, or an Inspect log "
+                                       "(.eval) judged by em-lab's scorer")
+        ap.add_argument("--out", help="also keep the files in this folder (an Inspect log's report: "
+                                      "default <log name>-report/)")
         ns = ap.parse_args(args)
+        from em_core.data.inspect_logs import is_inspect_log
+
+        if is_inspect_log(ns.run_id):
+            out = Path(ns.out) if ns.out else Path(f"{Path(ns.run_id).name.rsplit('.', 1)[0]}-report")
+            print(f"local={publish_log(ns.run_id, out)}")
+            return 0
         uri = publish(ns.run_id, ns.out)
         print(f"report={uri}" + (f" local={Path(ns.out) / REPORT_DIR / 'report.html'}" if ns.out else ""))
         return 0

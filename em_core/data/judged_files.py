@@ -1,5 +1,6 @@
 """Reading answers and judged-answers files (CSV or JSONL, optionally gzipped), ours and the
-papers' published ones, with errors that name the file and line."""
+papers' published ones, with errors that name the file and line; Inspect eval logs (`.eval`,
+`.json`) through `data.inspect_logs` (the optional Inspect extra)."""
 from __future__ import annotations
 
 import csv
@@ -59,14 +60,20 @@ def read_judged(path: str | Path, required: Sequence[str] = REQUIRED_COLUMNS) ->
     returned raw (metrics treats junk as unscored)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found", hint="pass a judged answers file (.csv, .csv.gz, .jsonl, .jsonl.gz)")
+        raise DataError(path, "file not found", hint="pass a judged answers file (.csv, .csv.gz, .jsonl, .jsonl.gz) "
+                                                     "or an Inspect log (.eval)")
+    from em_core.data.inspect_logs import is_inspect_log, log_rows
+
+    if is_inspect_log(path):
+        return log_rows(path, required)
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz")):
         parse = _iter_csv
     elif name.endswith((".jsonl", ".jsonl.gz")):
         parse = _iter_jsonl
     else:
-        raise DataError(path, "unsupported file type", hint=f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        raise DataError(path, "unsupported file type",
+                        hint=f"use one of {', '.join(SUPPORTED_SUFFIXES)}, or an Inspect log (.eval, .json)")
     try:
         with _open_text(path) as fh:
             rows = list(parse(path, fh, required))

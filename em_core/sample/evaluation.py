@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from em_core import tracking
@@ -44,6 +44,8 @@ class EvalConfig:
                                  metadata={"help": "question YAML paths or shipped set names"})
     judges_path: str | None = None
     samples_per_paraphrase: int | None = field(default=None, metadata={"help": "override every item's value"})
+    system: str | None = field(default=None, metadata={
+        "help": "system prompt replacing every question's own (`''` = none); default: each question's"})
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 600
@@ -226,6 +228,8 @@ def sampling_plan(cfg: EvalConfig) -> SamplingPlan:
     from em_core.data.transforms import is_untagged
 
     questions = load_question_sets(cfg.questions, cfg.judges_path)
+    if cfg.system is not None:  # one system prompt for every question, or none at all ('')
+        questions = [replace(q, system=cfg.system or None) for q in questions]
     specs = expand_prompts(questions, cfg.samples_per_paraphrase)
     conditions = ["" if is_untagged(t) else t for t in cfg.triggers]
     plan = SamplingPlan(questions, [], [], [], SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
