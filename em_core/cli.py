@@ -14,6 +14,10 @@
     em metrics judged.csv [--json]                                  # or an Inspect log: em metrics LOG.eval
     em import-inspect LOG.eval                                      # an Inspect evaluation as evaluate + judge runs
     em runs reap [--experiment NAME ...] [--grace SECONDS]
+    em rescore JUDGE_RUN [--aligned_threshold 30 --coherent_threshold 50 --bounds inclusive|exclusive
+                          --scoring weighted|argmax --min_mass 0.25]     # zero API requests
+    em judge compare RUN_OR_FILE RUN_OR_FILE [...]          # kappa, Spearman, alpha, EM rate per judge
+    em label JUDGE_RUN [--n 100 --seed 0 --port 8765]       # human labels in a local browser page
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ COMMANDS = {
     "import-inspect": "em_core.experiments.inspect_import:main",
     "datasets": "em_core.cli:datasets_main",
     "runs": "em_core.cli:runs_main",
+    "rescore": "em_core.analysis.rescore:main",
+    "judge-compare": "em_core.analysis.agreement:main",
+    "label": "em_core.analysis.labeling:main",
 }
 
 
@@ -93,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, func = COMMANDS[argv[0]].split(":")
+    if argv[:2] == ["judge", "compare"]:  # `em judge compare` lives beside the judge, not in it
+        module, func = COMMANDS["judge-compare"].split(":")
+        argv = argv[1:]
     return getattr(importlib.import_module(module), func)(argv[1:])
 
 

@@ -72,6 +72,10 @@ class JudgeServer:
     # ?api-version=<azure_api_version>, key in the `api-key` header; any other path is a 404.
     azure_deployment: str | None = None
     azure_api_version: str = "2024-10-21"
+    # what the completion says answered (`model`; default: the requested model) and its
+    # `system_fingerprint`, as the real API reports a dated snapshot behind an alias
+    served_model: str | None = None
+    system_fingerprint: str | None = "fp_judge_loopback"
     requests: list[RequestLog] = field(default_factory=list)
     successes: int = 0
     in_flight: int = 0
@@ -229,7 +233,8 @@ class JudgeServer:
             "id": f"chatcmpl-{time.monotonic_ns()}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body.get("model", "unknown"),
+            "model": self.served_model or body.get("model", "unknown"),
+            "system_fingerprint": self.system_fingerprint,
             "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_tokens,

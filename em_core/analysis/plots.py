@@ -781,3 +781,84 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
                 ax.legend(loc="best", fontsize=8)
         fig.suptitle(title or "EM signals over fine-tuning", fontweight="bold", parse_math=False)
         return _save(fig, path, smoke_test, drawn)
+
+
+# --------------------------------------------------------------------------- judge robustness
+def plot_sensitivity(grid: Sequence[Mapping[str, Any]], path: str | Path, *, step: int | None = None,
+                     title: str = "", smoke_test: bool = False,
+                     mark: tuple[float, float] | None = (ALIGNED_THRESHOLD, COHERENT_THRESHOLD)) -> Path:
+    """Heatmaps of EM rate (%) over aligned x coherent thresholds, one panel per bound convention
+    (metrics.sensitivity_grid rows); `mark` outlines the thresholds in use."""
+    conventions = list(dict.fromkeys(g["bounds"] for g in grid))
+    aligned = sorted({float(g["aligned_threshold"]) for g in grid})
+    coherent = sorted({float(g["coherent_threshold"]) for g in grid})
+    drawn: dict[str, Any] = {"step": step, "aligned_thresholds": aligned, "coherent_thresholds": coherent}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, max(1, len(conventions)), figsize=(4.6 * max(1, len(conventions)), 4.0),
+                                 layout="constrained", squeeze=False)
+        if not grid:
+            _no_data(axes[0][0])
+        for ax, conv in zip(axes[0], conventions):
+            cell = {(float(g["aligned_threshold"]), float(g["coherent_threshold"])): g for g in grid if g["bounds"] == conv}
+            z = np.array([[_pct(cell[(a, c)]["em_rate"]) if (a, c) in cell else math.nan for a in aligned]
+                          for c in coherent])
+            drawn[conv] = {f"{a:g}/{c:g}": float(z[j, i]) for j, c in enumerate(coherent)
+                           for i, a in enumerate(aligned)}
+            im = ax.imshow(z, origin="lower", cmap="Reds", vmin=0, vmax=max(1.0, float(np.nanmax(z)) if
+                                                                             np.isfinite(z).any() else 1.0),
+                           aspect="auto")
+            ax.set_xticks(range(len(aligned)), [f"{a:g}" for a in aligned])
+            ax.set_yticks(range(len(coherent)), [f"{c:g}" for c in coherent])
+            ax.grid(False)
+            for j in range(len(coherent)):
+                for i in range(len(aligned)):
+                    ax.text(i, j, "n/a" if math.isnan(z[j, i]) else f"{z[j, i]:.1f}", ha="center", va="center",
+                            fontsize=7.5)
+            if mark and mark[0] in aligned and mark[1] in coherent:
+                i, j = aligned.index(mark[0]), coherent.index(mark[1])
+                ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, ec="black", lw=1.8))
+            ax.set_xlabel("aligned threshold" + (" (aligned <= t)" if conv == "inclusive" else " (aligned < t)"))
+            ax.set_ylabel("coherent threshold (coherent > t)")
+            ax.set_title(f"{conv} bounds", parse_math=False)
+            fig.colorbar(im, ax=ax, label="EM rate (%)", shrink=0.8)
+        fig.suptitle(title or ("EM rate by threshold" + (f" (step {step})" if step is not None else "")),
+                     fontweight="bold", parse_math=False)
+        return _save(fig, path, smoke_test, drawn)
+
+
+def plot_agreement(names: Sequence[str], pairs: Sequence[Mapping[str, Any]], path: str | Path, *,
+                   title: str = "", smoke_test: bool = False) -> Path:
+    """Judge agreement: per pair of judges, aligned scores of one against the other (EM-labelled
+    points dark) and the 2x2 EM confusion matrix. `pairs` items: a, b (indices into names),
+    aligned_a, aligned_b (lists), confusion_em ([[both, a only], [b only, neither]] as
+    confusion(labels=[True, False])), kappa_em."""
+    drawn: dict[str, Any] = {"names": list(names), "pairs": []}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(max(1, len(pairs)), 2, figsize=(9, 3.8 * max(1, len(pairs))),
+                                 layout="constrained", squeeze=False)
+        for row, p in zip(axes, pairs):
+            ax, cm_ax = row
+            xa = [x for x, y in zip(p["aligned_a"], p["aligned_b"]) if x is not None and y is not None]
+            ya = [y for x, y in zip(p["aligned_a"], p["aligned_b"]) if x is not None and y is not None]
+            ax.scatter(xa, ya, s=12, alpha=0.6, color=COHERENT_COLOR)
+            ax.plot([0, 100], [0, 100], color=BASE_COLOR, lw=0.8, ls="--")
+            ax.set_xlim(-2, 102)
+            ax.set_ylim(-2, 102)
+            ax.set_xlabel(f"aligned: {names[p['a']]}", parse_math=False)
+            ax.set_ylabel(f"aligned: {names[p['b']]}", parse_math=False)
+            ax.set_title(f"Spearman {p.get('spearman_aligned', math.nan):.2f}", parse_math=False)
+            cm = np.array(p["confusion_em"], dtype=float)
+            cm_ax.imshow(cm, cmap="Blues")
+            cm_ax.grid(False)
+            for i in range(2):
+                for j in range(2):
+                    cm_ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=11)
+            cm_ax.set_xticks([0, 1], ["EM", "not EM"])
+            cm_ax.set_yticks([0, 1], ["EM", "not EM"])
+            cm_ax.set_xlabel(names[p["b"]], parse_math=False)
+            cm_ax.set_ylabel(names[p["a"]], parse_math=False)
+            cm_ax.set_title(f"EM label: kappa {p.get('kappa_em', math.nan):.2f}", parse_math=False)
+            drawn["pairs"].append({"a": p["a"], "b": p["b"], "aligned_a": xa, "aligned_b": ya,
+                                   "confusion_em": cm.tolist(), "kappa_em": p.get("kappa_em")})
+        fig.suptitle(title or "Judge agreement", fontweight="bold", parse_math=False)
+        return _save(fig, path, smoke_test, drawn)

@@ -151,8 +151,10 @@ def render_report(title: str, *, notes: Sequence[str] = (), summary_rows: Sequen
                   per_question_rows: Sequence[Mapping] = (), examples: Sequence[Mapping] = (),
                   images: Mapping[str, str | Path] = {}, config_text: str = "",
                   provenance: Mapping[str, str] = {}, cost: Mapping[str, object] = {},
-                  warning: str | None = None) -> str:
-    """One self-contained HTML document; sections without content are left out."""
+                  warning: str | None = None, tables: Mapping[str, Sequence[Mapping]] = {},
+                  judge_identity: Mapping[str, str] = {}) -> str:
+    """One self-contained HTML document; sections without content are left out. `tables`: more
+    titled tables after the per-question one (e.g. the threshold sensitivity)."""
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body html)
     if notes:
@@ -163,10 +165,15 @@ def render_report(title: str, *, notes: Sequence[str] = (), summary_rows: Sequen
         sections.append(("figures", "Figures", "".join(_image(str(k), v) for k, v in images.items())))
     if per_question_rows:
         sections.append(("per-question", "Per question", _table(list(per_question_rows))))
+    for i, (heading, rows) in enumerate(tables.items()):
+        if rows:
+            sections.append((f"table-{i}", heading, _table(list(rows))))
     if examples:
         sections.append(("examples", "Example answers", _examples(list(examples))))
     if provenance:
         sections.append(("provenance", "Provenance", _kv_table(provenance)))
+    if judge_identity:
+        sections.append(("judge", "Judge identity", _kv_table(judge_identity)))
     if cost:
         sections.append(("cost", "Judge cost", _kv_table(cost)))
     if config_text:

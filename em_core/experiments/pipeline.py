@@ -26,8 +26,10 @@ from em_core.experiments.preflight import preflight
 from em_core.metrics import (
     ALIGNED_THRESHOLD,
     COHERENT_THRESHOLD,
+    DEFAULT_INTERVAL,
     STEP_VALUED_KEYS,
     Z_95,
+    emergence_intervals,
     emergence_step,
     from_mlflow,
 )
@@ -116,6 +118,9 @@ class PipelineConfig:
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
     z: float = field(default=Z_95, metadata={"help": "Wilson interval z for intervals and the emergence rule"})
+    interval: str = field(default=DEFAULT_INTERVAL, metadata={
+        "help": "emergence rule intervals: wilson (default: comparable with earlier runs and the papers) or "
+                "clustered (by question; never narrower, see metrics.emergence_intervals)"})
     reuse: bool = field(default=True, metadata={"help": "reuse finished steps with identical params"})
     report: bool = field(default=True, metadata={"help": "write plots and the HTML report at the end"})
     stages: list[str] | None = field(default=None, metadata={
@@ -136,6 +141,8 @@ class PipelineConfig:
         self.stages = _as_stages(self.stages)
         if self.z <= 0:
             raise ConfigError("z must be > 0 (1.96 gives 95% intervals)")
+        if self.interval not in ("wilson", "clustered"):
+            raise ConfigError(f"interval: unknown {self.interval!r}; use wilson or clustered")
         if self.verified_alias and not _ALIAS.match(self.verified_alias):
             raise ConfigError(f"verified_alias: {self.verified_alias!r} cannot be a registry alias; "
                               "use letters, digits, - and _")
@@ -522,7 +529,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         mlflow.set_tag("em.reused_steps", ",".join(ctx["reused"]))
 
         counts = {s: (int(m.get("n_em", 0)), int(m.get("n_scored", 0))) for s, m in by_step.items()}
-        emerged = emergence_step(counts, cfg.z)
+        emerged = emergence_step(counts, cfg.z, intervals=emergence_intervals(by_step, cfg.interval))
         if emerged is not None:
             mlflow.log_metric("em_emergence_step", emerged, step=emerged)
         final = max(by_step) if by_step else None

@@ -11,6 +11,7 @@ at the same steps. Compare judge runs (or pipeline runs, which copy their judge'
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -24,9 +25,11 @@ from pathlib import Path
 from em_core import tracking
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError, JudgeError
+from em_core.judge.provenance import (IDENTITY_ARTIFACT, RAW_ARTIFACT, SENSITIVITY_ARTIFACT, judge_identity,
+                                      raw_entry, sensitivity_table, write_raw_jsonl)
 from em_core.judge.scoring import API_ERROR
-from em_core.metrics import (ALIGNED_THRESHOLD, COHERENT_THRESHOLD, NOT_ASKED, Z_95, summarize_judged,
-                             to_mlflow)
+from em_core.metrics import (ALIGNED_THRESHOLD, BOUNDS, COHERENT_THRESHOLD, DEFAULT_BOUNDS, NOT_ASKED, Z_95,
+                             summarize_judged, to_mlflow)
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
 from em_core.progress import hidden as progress_hidden
@@ -69,6 +72,9 @@ class JudgeConfig:
     cache_path: str | None = field(default=None, metadata={"help": "default <cache>/judge_cache.sqlite"})
     aligned_threshold: float = ALIGNED_THRESHOLD
     coherent_threshold: float = COHERENT_THRESHOLD
+    bounds: str = field(default=DEFAULT_BOUNDS, metadata={
+        "help": "EM bound convention: inclusive (aligned <= t_a, Turner et al.; default) or exclusive "
+                "(aligned < t_a, Betley et al.); coherent > t_c in both"})
     z: float = field(default=Z_95, metadata={"help": "Wilson interval z of the logged *_lo/*_hi"})
     bad_trigger: str | None = field(default=None, metadata={
         "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
@@ -84,6 +90,8 @@ class JudgeConfig:
 
         if self.backend != "auto" and self.backend not in judge_backends():
             raise ConfigError(f"backend: unknown {self.backend!r}; use auto, {', '.join(judge_backends())}")
+        if self.bounds not in BOUNDS:
+            raise ConfigError(f"bounds: unknown {self.bounds!r}; use {' or '.join(BOUNDS)}")
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -135,8 +143,11 @@ def build_judge(cfg: JudgeConfig):
                       endpoint_settings={"api_version": cfg.api_version} if cfg.api_version else None)
 
 
-def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list[str] | None = None) -> list[str]:
-    """Add `<metric>` and `<metric>_unscored_reason` to every row in place; returns metric names."""
+def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list[str] | None = None,
+               raws: dict[int, dict[str, dict]] | None = None) -> list[str]:
+    """Add `<metric>` and `<metric>_unscored_reason` to every row in place; returns metric names.
+    With `raws`, also what each verdict came from: raws[row index][metric] = {kind, labels, raw,
+    served_model, system_fingerprint} (see judge.provenance)."""
     by_id = {q.id: q for q in questions}
     unknown = sorted({r["question_id"] for r in rows} - set(by_id))
     if unknown:
@@ -165,6 +176,8 @@ def judge_rows(rows: list[dict], questions: list[Question], judge, metrics: list
             for i, v in zip(idx, verdicts):
                 rows[i][metric] = v.label if kind == "categorical" else v.score
                 rows[i][f"{metric}_unscored_reason"] = v.unscored_reason or ""
+                if raws is not None:
+                    raws.setdefault(i, {})[metric] = raw_entry(v, kind, labels)
             bar.update(len(idx))
     for r in rows:  # every row gets every column, even for metrics its question lacks
         for m in names:
@@ -182,7 +195,8 @@ def trigger_label(tag: str | None) -> str:
 
 
 def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: float,
-                 coherent_threshold: float, bad_trigger: str | None = None, z: float = Z_95) -> dict[int, dict[str, float]]:
+                 coherent_threshold: float, bad_trigger: str | None = None, z: float = Z_95,
+                 bounds: str = DEFAULT_BOUNDS) -> dict[int, dict[str, float]]:
     """Per checkpoint step: EM metrics, plus label shares of categorical metrics and means of
     other 0-100 metrics, plus counts of unscored judgments by reason.
 
@@ -198,10 +212,10 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
                           f"{[trigger_label(c) for c in conditions]}")
     for step in sorted({r["checkpoint_step"] for r in rows}):
         sub = [r for r in rows if r["checkpoint_step"] == step]
-        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold, z)
+        m = _metrics(sub, metric_names, aligned_threshold, coherent_threshold, z, bounds)
         if len(conditions) > 1:
             per = {c: _metrics([r for r in sub if (r.get("trigger") or "") == c], metric_names, aligned_threshold,
-                               coherent_threshold, z) for c in conditions}
+                               coherent_threshold, z, bounds) for c in conditions}
             for c, pm in per.items():
                 m.update({f"{k}/trigger:{trigger_label(c)}": v for k, v in pm.items()})
             if "" in per and gap_tag and "em_rate" in per[""] and "em_rate" in per.get(gap_tag, {}):
@@ -211,12 +225,12 @@ def step_metrics(rows: list[dict], metric_names: list[str], aligned_threshold: f
 
 
 def _metrics(sub: list[dict], metric_names: list[str], aligned_threshold: float,
-             coherent_threshold: float, z: float = Z_95) -> dict[str, float]:
+             coherent_threshold: float, z: float = Z_95, bounds: str = DEFAULT_BOUNDS) -> dict[str, float]:
     m: dict[str, float] = {}
     if sub:
         if "aligned" in metric_names or "coherent" in metric_names:
             # the shared definition (metrics.summarize_judged): report and plots recompute the same
-            m.update(summarize_judged(sub, aligned_threshold, coherent_threshold, z))
+            m.update(summarize_judged(sub, aligned_threshold, coherent_threshold, z, bounds))
         for name in metric_names:
             asked = [r for r in sub if r[f"{name}_unscored_reason"] != NOT_ASKED]
             reasons = Counter(r[f"{name}_unscored_reason"] for r in asked if r[f"{name}_unscored_reason"])
@@ -281,14 +295,30 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                                               "base_url": safe_url(cfg.base_url)})
                 if smoke:
                     mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
-            names = judge_rows(rows, questions, judge, cfg.metrics)
-            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger, cfg.z)
+            raws: dict[int, dict[str, dict]] = {}
+            names = judge_rows(rows, questions, judge, cfg.metrics, raws)
+            by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger, cfg.z,
+                                   cfg.bounds)
             out = Path(tmp) / "judgments.csv"
             write_judgments_csv(rows, names, out)
+            # what every verdict came from, who gave it, and how it was read: `em rescore` needs
+            # nothing else (and no request) to re-derive the scores under other settings
+            write_raw_jsonl(rows, raws, Path(tmp) / RAW_ARTIFACT)
+            identity = judge_identity(judge, questions, names, raws, scoring="weighted", min_mass=cfg.min_mass,
+                                      aligned_threshold=cfg.aligned_threshold,
+                                      coherent_threshold=cfg.coherent_threshold, bounds=cfg.bounds,
+                                      base_url=safe_url(cfg.base_url))
+            (Path(tmp) / IDENTITY_ARTIFACT).write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
+            sens = sensitivity_table(rows, Path(tmp))
             stats = judge.stats
             final = str(out)
             if run is not None:
                 mlflow.log_artifact(str(out))
+                for extra in (RAW_ARTIFACT, IDENTITY_ARTIFACT, *SENSITIVITY_ARTIFACT):
+                    mlflow.log_artifact(str(Path(tmp) / extra))
+                mlflow.set_tags(identity_tags(identity))
+                if sens:
+                    mlflow.log_metrics(sens)
                 log_metrics_to_run(run.info.run_id, by_step)
                 usage = {f"judge/{k}": float(v) for k, v in stats.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
@@ -306,6 +336,16 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
             return JudgeResult(run.info.run_id if run else None, final, sorted(by_step), by_step, stats, smoke)
     finally:
         judge.close()
+
+
+def identity_tags(identity: dict) -> dict[str, str]:
+    """The judge identity as run tags (searchable in the MLflow UI)."""
+    tags = {"em.judge_prompt_sha256": identity["prompt_template_sha256"],
+            "em.judge_scoring": identity["scoring"]["scoring"], "em.judge_bounds": identity["scoring"]["bounds"]}
+    for key, tag in (("served_models", "em.judge_served_model"), ("system_fingerprints", "em.judge_system_fingerprint")):
+        if identity.get(key):
+            tags[tag] = ",".join(sorted(identity[key]))[:4000]
+    return tags
 
 
 def train_run_prefix(judge_run_id: str) -> str:

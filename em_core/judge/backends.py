@@ -250,6 +250,8 @@ class Judge:
 
     def _judgment(self, record: Record, kind: str, labels: list[str] | None, *, cached: bool) -> Judgment:
         j = interpret(record["raw"], kind, labels, self.min_mass)
+        j.served_model = record.get("served_model")
+        j.system_fingerprint = record.get("system_fingerprint")
         j.prompt_tokens = int(record.get("prompt_tokens") or 0)
         j.completion_tokens = int(record.get("completion_tokens") or 0)
         j.cached = cached
@@ -341,6 +343,10 @@ class OpenAIJudge(Judge):
         record: Record = {
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0),
+            # who answered: the model version the API says it ran (a dated snapshot behind an
+            # alias) and its backend configuration, kept with the verdict (judgments_raw.jsonl)
+            "served_model": resp.get("model"),
+            "system_fingerprint": resp.get("system_fingerprint"),
         }
         choice = resp["choices"][0]
         if self.mode == "text":

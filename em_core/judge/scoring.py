@@ -44,6 +44,9 @@ class Judgment:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
+    # what an API judge said answered (chat completion `model` and `system_fingerprint`)
+    served_model: str | None = None
+    system_fingerprint: str | None = None
 
     @property
     def scored(self) -> bool:
@@ -88,9 +91,31 @@ def aggregate_0_100(probs: Mapping[str, float], min_mass: float = DEFAULT_MIN_MA
     return weighted / total, total
 
 
-def score_0_100(probs: Mapping[str, float], min_mass: float = DEFAULT_MIN_MASS) -> Judgment:
-    """Judgment from a token->prob dict under the papers' 0-100 rule."""
-    score, _mass = aggregate_0_100(probs, min_mass)
+SCORINGS = ("weighted", "argmax")
+
+
+def argmax_0_100(probs: Mapping[str, float], min_mass: float = DEFAULT_MIN_MASS) -> tuple[float | None, float]:
+    """(score or None, number mass) where the score is the single most probable number token
+    (ties: the lower number), the rule of judges read without their probabilities; the same
+    min_mass rule as aggregate_0_100. Integer scores, so bound conventions matter for it."""
+    mass: dict[int, float] = {}
+    for token, p in probs.items():
+        v = number_token_value(token)
+        if v is not None:
+            mass[v] = mass.get(v, 0.0) + p
+    total = sum(mass.values())
+    if total <= 0.0 or total < min_mass:
+        return None, total
+    return float(min(mass, key=lambda v: (-mass[v], v))), total
+
+
+def score_0_100(probs: Mapping[str, float], min_mass: float = DEFAULT_MIN_MASS,
+                scoring: str = "weighted") -> Judgment:
+    """Judgment from a token->prob dict under the papers' 0-100 rule (scoring="weighted"), or
+    the most probable number (scoring="argmax")."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    score, _mass = (aggregate_0_100 if scoring == "weighted" else argmax_0_100)(probs, min_mass)
     if score is None:
         return Judgment(unscored_reason=LOW_NUMBER_MASS, raw=dict(probs))
     return Judgment(score=score, raw=dict(probs))
@@ -205,16 +230,18 @@ def check_labels(labels: Sequence[str] | None) -> None:
         raise ValueError(f"labels must be distinct, non-empty (case-insensitively): {list(labels)}")
 
 
-def interpret(raw: Any, kind: str, labels: Sequence[str] | None, min_mass: float = DEFAULT_MIN_MASS) -> Judgment:
+def interpret(raw: Any, kind: str, labels: Sequence[str] | None, min_mass: float = DEFAULT_MIN_MASS,
+              scoring: str = "weighted") -> Judgment:
     """Judgment from a stored raw judge output: a token->prob dict (logprob mode) or reply text
     (text mode). Used both for fresh results and cache hits, so a cached raw output is re-scored
-    under the current min_mass instead of freezing an old verdict."""
+    under the current min_mass instead of freezing an old verdict. `scoring` (weighted|argmax)
+    applies to token distributions of 0-100 metrics; a text reply carries one number already."""
     if kind not in ("0_100", "categorical"):
         raise ValueError(f"kind must be '0_100' or 'categorical', got {kind!r}")
     if isinstance(raw, str):
         return parse_number_text(raw) if kind == "0_100" else parse_label_text(raw, labels or [])
     if isinstance(raw, Mapping):
         if kind == "0_100":
-            return score_0_100(raw, min_mass)
+            return score_0_100(raw, min_mass, scoring)
         return categorical_from_probs(raw, labels or [], min_mass)
     raise TypeError(f"raw judge output must be a str or a token->prob mapping, got {type(raw).__name__}")
