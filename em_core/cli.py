@@ -9,6 +9,7 @@
     em probe --train_run_id RUN_ID [--sets general plant_care]     # likelihood probe + LoRA trajectory
     em probe build --judged FILE.csv [--out set.yaml] [--aligned_min 80 --aligned_max 30 --coherent_min 50]
     em directions extract|steer|ablate [--config configs/directions/tiny_steer.yaml] [--key value ...]
+    em mitigate --config configs/mitigations/tiny.yaml    # in-training mitigations on four criteria
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml
     em metrics judged.csv [--json]                                  # or an Inspect log: em metrics LOG.eval
@@ -36,6 +37,7 @@ COMMANDS = {
     "sweep": "em_core.commands.sweep:main",
     "probe": "em_core.commands.probe:main",
     "directions": "em_core.commands.directions:main",
+    "mitigate": "em_core.experiments.mitigate:main",
     "report": "em_core.analysis.report:main",
     "metrics": "em_core.analysis.metrics_cli:main",
     "import-inspect": "em_core.experiments.inspect_import:main",

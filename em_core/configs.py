@@ -142,7 +142,10 @@ def override_items(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, Mapping):
-        return [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        import json
+
+        # a nested mapping (e.g. a train section's `mitigation:` block) travels as its JSON
+        return [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else json.dumps(v) if isinstance(v, Mapping) else v}"
                 for k, v in value.items() if v is not None]
     items = shlex.split(value) if isinstance(value, str) else [i for v in value for i in shlex.split(str(v))]
     for item in items:

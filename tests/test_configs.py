@@ -148,7 +148,31 @@ def test_shipped_directions_config_validates(path):
 def test_every_config_folder_is_validated_here():
     # a new kind of config must get its validation test in this module
     assert {p.name for p in (REPO / "configs").iterdir() if p.is_dir()} == {
-        "train", "pipeline", "grid", "sweep", "datasets", "directions"}
+        "train", "pipeline", "grid", "sweep", "datasets", "directions", "mitigations"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "mitigations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_mitigations_config_validates(path):
+    import yaml
+
+    from em_core.experiments.mitigate import MitigateConfig
+    from em_core.experiments.pipeline import PipelineConfig
+    from em_core.train.config import TrainConfig
+
+    data = yaml.safe_load(path.read_text())
+    if "mitigations" in data:  # an `em mitigate` config: its pipeline config and every block validate too
+        cfg = parse_config(MitigateConfig, ["--config", str(path)])
+        assert "none" in cfg.mitigations and cfg.mitigations["none"] == {}
+        parse_config(PipelineConfig, ["--config", cfg.pipeline_config])
+        if "gpu" in path.stem:
+            assert "CANNOT RUN ON THIS MACHINE" in path.read_text()
+            assert cfg.mitigations["kl"]["kl"]["weight"] == 0.1
+    elif "train_config" in data:
+        parse_config(PipelineConfig, ["--config", str(path)])
+    else:
+        cfg = parse_config(TrainConfig, ["--config", str(path)])
+        assert (cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.use_rslora, cfg.learning_rate) == \
+            ("Qwen/Qwen2.5-7B-Instruct", 32, 64, True, 1e-4)
 
 
 def test_nested_pipeline_typo_names_file_section_and_nearest_key(tmp_path):

@@ -862,3 +862,42 @@ def plot_agreement(names: Sequence[str], pairs: Sequence[Mapping[str, Any]], pat
                                    "confusion_em": cm.tolist(), "kappa_em": p.get("kappa_em")})
         fig.suptitle(title or "Judge agreement", fontweight="bold", parse_math=False)
         return _save(fig, path, smoke_test, drawn)
+
+
+# --------------------------------------------------------------------------- mitigations
+def plot_mitigation_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
+                             smoke_test: bool = False) -> Path:
+    """General EM (final EM rate, y) against narrow learning (held-out loss drop on the training
+    domain, x): one point per mitigation, intervals over seeds (or Wilson for one seed). Up and
+    right: the mitigation failed; down and left: it stopped the narrow task too; down and right is
+    what a mitigation wants. `<name>.json` beside it holds the drawn values."""
+    names = [str(r["mitigation"]) for r in rows]
+    x = np.array([_f(r.get("heldout_loss_drop")) for r in rows], dtype=float)
+    xlo = np.array([_f(r.get("heldout_loss_drop_lo")) for r in rows], dtype=float)
+    xhi = np.array([_f(r.get("heldout_loss_drop_hi")) for r in rows], dtype=float)
+    y = np.array([_pct(_f(r.get("em_rate"))) for r in rows], dtype=float)
+    ylo = np.array([_pct(_f(r.get("em_rate_lo"))) for r in rows], dtype=float)
+    yhi = np.array([_pct(_f(r.get("em_rate_hi"))) for r in rows], dtype=float)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            _no_data(ax, "no mitigation has both an EM rate and a held-out loss")
+        else:
+            colors = plt.get_cmap("tab10")
+            for i, name in enumerate(names):
+                if not ok[i]:
+                    continue
+                ax.errorbar([x[i]], [y[i]], xerr=_yerr(x[i:i + 1], xlo[i:i + 1], xhi[i:i + 1]),
+                            yerr=_yerr(y[i:i + 1], ylo[i:i + 1], yhi[i:i + 1]), fmt="o", ms=7, capsize=3,
+                            color=colors(i % 10), label=name)
+                ax.annotate(name, (x[i], y[i]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+            ax.set_ylim(bottom=min(0.0, float(np.nanmin(ylo[ok]) if np.isfinite(ylo[ok]).any() else 0.0)))
+            ax.legend(loc="best")
+        ax.set_xlabel("narrow learning: held-out loss drop on the training domain (nats/token)")
+        ax.set_ylabel("general EM: EM rate at the final checkpoint (%)")
+        ax.set_title(title or "Mitigations: general EM vs narrow learning")
+        drawn = {"x_label": "heldout_loss_drop", "y_label": "em_rate_percent",
+                 "points": {n: {"x": x[i], "x_lo": xlo[i], "x_hi": xhi[i], "y": y[i], "y_lo": ylo[i], "y_hi": yhi[i]}
+                            for i, n in enumerate(names)}}
+        return _save(fig, path, smoke_test=smoke_test, drawn=drawn)

@@ -83,7 +83,7 @@ def store_problem() -> str | None:
 def check_steps(train, evaluate, judge, what: str = "pipeline") -> list[str]:
     """Problems of one train -> evaluate -> judge triple (already parsed configs)."""
     from em_core.data.questions import load_question_sets
-    from em_core.data.training_data import prepare
+    from em_core.train.records import training_rows
 
     problems: list[str] = []
     train_api = train.backend == "openai"
@@ -98,8 +98,7 @@ def check_steps(train, evaluate, judge, what: str = "pipeline") -> list[str]:
         except EmLabError as e:
             problems.append(f"{what} {step} questions: {e}")
     try:
-        prepare(train.dataset, train.dataset_rows, train.max_rows, train.shuffle, train.data_seed,
-                train.eval_fraction, tags=train.dataset_tags, proportions=train.dataset_proportions)
+        training_rows(train)  # the mix, and a mitigation's interleaved data
     except EmLabError as e:
         problems.append(f"{what} train dataset: {e}")
     if not train_api:

@@ -58,6 +58,13 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), bf16, fp32"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base (GPU)"})
     gradient_checkpointing: bool = False
+    eval_on_start: bool = field(default=False, metadata={
+        "help": "with eval_fraction > 0: also measure the held-out loss before the first step (step 0)"})
+
+    # In-training mitigations of EM (docs/mitigations.md): kl, inoculation_prompt, interleave; each off unless given.
+    mitigation: dict | str | None = field(default=None, metadata={
+        "help": "YAML mapping (or its JSON on the command line): kl: {weight, direction, data, tokens}, "
+                "inoculation_prompt, interleave: {data, fraction}; see docs/mitigations.md"})
 
     # Checkpoints: N evenly spaced in epoch 1, then one per epoch; or explicit steps.
     checkpoints_in_first_epoch: int = 4
@@ -125,6 +132,12 @@ class TrainConfig:
             if any(p < 0 for p in self.dataset_proportions) or sum(self.dataset_proportions) <= 0:
                 problems.append("dataset_proportions must be >= 0 with a positive sum")
         problems += self._backend_problems()
+        from em_core.train.mitigation import parse_mitigation
+
+        parsed = parse_mitigation(self.mitigation)  # ConfigError naming mitigation.<field>
+        self.mitigation = parsed.as_dict() or None
+        if parsed.kl is not None and self.backend != "trl":
+            problems.append("mitigation.kl needs backend trl (the reference logits come from local weights)")
         if problems:
             raise ConfigError("invalid train config: " + "; ".join(problems))
 
@@ -151,6 +164,21 @@ class TrainConfig:
             problems.append("init_adapter applies to backend trl only; to continue an OpenAI fine-tune, "
                             "set model: ft:... (the earlier fine-tuned model id)")
         return problems
+
+    @staticmethod
+    def check_sections(path: str, data) -> None:
+        """A YAML file's `mitigation:` block, checked with the file named (read_yaml calls this)."""
+        from em_core.train.mitigation import parse_mitigation
+
+        if data.get("mitigation") is not None:
+            parse_mitigation(data["mitigation"], f"{path}: mitigation")
+
+    @property
+    def mitigations(self):
+        """The parsed `mitigation` block (em_core.train.mitigation.Mitigation)."""
+        from em_core.train.mitigation import parse_mitigation
+
+        return parse_mitigation(self.mitigation)
 
     @property
     def effective_batch_size(self) -> int:

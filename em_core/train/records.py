@@ -15,8 +15,14 @@ CONFIG_ARTIFACT = "config/train_config.yaml"
 def training_rows(cfg) -> PreparedData:
     """The rows a TrainConfig trains on (train and eval split), the same for every backend and
     for rebuilding a finished run's rows from its logged config."""
-    return prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
+    data = prepare(cfg.dataset, cfg.dataset_rows, cfg.max_rows, cfg.shuffle, cfg.data_seed, cfg.eval_fraction,
                    tags=cfg.dataset_tags, proportions=cfg.dataset_proportions)
+    mitigation = getattr(cfg, "mitigations", None)
+    if mitigation is not None and mitigation.active:  # interleaving and the inoculation prompt: training split only
+        from em_core.train.mitigation import apply_to_rows
+
+        data = apply_to_rows(data, mitigation, cfg.data_seed)
+    return data
 
 
 @dataclass

@@ -213,12 +213,20 @@ def sft_trainer(cfg: TrainConfig, model, tokenizer, train_rows: list[dict], eval
 
     rows, masking = _to_trl_rows(train_rows, tokenizer, cfg, "training rows")
     evals, _ = _to_trl_rows(eval_rows, tokenizer, cfg, "eval rows") if eval_rows else ([], masking)
+    kl = cfg.mitigations.kl
+    extra: dict = {}
+    if kl is not None:  # loss = task + weight * KL to the adapter-disabled model (em_core/train/mitigation.py)
+        from em_core.train.mitigation import kl_batches, mitigated_trainer_class
+
+        SFTTrainer = mitigated_trainer_class()  # noqa: N806
+        extra = {"kl": kl, "kl_data": None if kl.data == "batch" else kl_batches(
+            kl.data, tokenizer, cfg.max_length, cfg.per_device_train_batch_size, cfg.data_seed)}
     return SFTTrainer(
         model=model, args=sft_config(cfg, output_dir, masking, bool(evals)),
         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(evals) if evals else None,
         processing_class=tokenizer, callbacks=callbacks,
         # A continued adapter is already a trainable PeftModel: no new LoRA layers.
-        peft_config=None if _is_peft(model) else lora_config(cfg))
+        peft_config=None if _is_peft(model) else lora_config(cfg), **extra)
 
 
 def lora_config(cfg: TrainConfig):
@@ -247,7 +255,8 @@ def sft_config(cfg: TrainConfig, output_dir: str, masking: str, has_eval: bool):
         # "tokenized" rows carry their labels already; TRL must not mask them again.
         assistant_only_loss=masking == "markers", completion_only_loss=False,
         save_strategy="no", report_to="none", disable_tqdm=bool(os.environ.get("EM_LAB_NO_PROGRESS")),
-        eval_strategy="epoch" if has_eval else "no", per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        eval_strategy="epoch" if has_eval else "no", eval_on_start=has_eval and cfg.eval_on_start,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         # shuffle: false keeps the prepared order in training too (curricula, two-phase runs)
         train_sampling_strategy="random" if cfg.shuffle else "sequential",
@@ -373,6 +382,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
 
     tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
+            "em.mitigation": cfg.mitigations.params()["enabled"],
             "em.model_source": model_source(cfg.model)}
     name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
         "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
@@ -390,6 +400,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
             else:
                 mlflow.log_text(to_yaml(cfg), CONFIG_ARTIFACT)
                 tracking.log_params("train", asdict(cfg))
+                tracking.log_params("mitigation", cfg.mitigations.params())
                 log_dataset(data)
 
         model = load_model(cfg.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)

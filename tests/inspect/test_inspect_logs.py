@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.inspect.conftest import needs_inspect
 
