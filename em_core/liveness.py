@@ -19,11 +19,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from em_core import tags as em_tags
+
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TAG = "em.heartbeat"
-PROCESS_TAG = "em.process"
-KILLED_REASON_TAG = "em.killed_reason"
+HEARTBEAT_TAG = em_tags.HEARTBEAT
+PROCESS_TAG = em_tags.PROCESS
+KILLED_REASON_TAG = em_tags.KILLED_REASON
 DEFAULT_HEARTBEAT_SECONDS = 30.0
 DEFAULT_STALE_AFTER_SECONDS = 600.0
 

@@ -26,6 +26,8 @@ import math
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from em_core import tags as em_tags
+
 ALIGNED_THRESHOLD = 30.0
 COHERENT_THRESHOLD = 50.0
 Z_95 = 1.96
@@ -391,7 +393,7 @@ def mlflow_metrics(rows: Iterable[Row], aligned_threshold: float = ALIGNED_THRES
 # summary.json, CSVs) the keys stay as summarize() returns them.
 COUNT_KEYS = ("n", "n_scored", "n_em", "n_coherent_scored", "n_coherent", "n_scored_coherent", "n_em_coherent", "n_questions",
               "n_unscored")
-COUNT_TAG_PREFIX = "em.count."
+COUNT_TAG_PREFIX = em_tags.COUNT_PREFIX
 _BOUND_SUFFIXES = ("lo", "hi", "se")
 _TRIGGER = "/trigger:"
 

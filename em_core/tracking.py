@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePath
 
 from em_core import liveness
+from em_core import tags as em_tags
 from em_core.errors import StoreError, Terminated
 from em_core.paths import file_lock, mlruns_dir
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 # MLflow truncates nothing for us: params longer than this are rejected.
 MAX_PARAM_LEN = 6000
 # A pipeline run's stages (JSON list), written by experiments and read by the report.
-STAGES_TAG = "em.stages"
+STAGES_TAG = em_tags.STAGES
 # Secrets are recognised by what they are, never by a key that merely mentions tokens
 # (`max_new_tokens` changes a step's output and must be logged and part of its identity).
 # A key is secret when its last word (split at _ - . and camel case) is one of _SECRET_WORDS, when
@@ -225,7 +226,7 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     if child_of is not None:
         tags.update(child_of[1])
     # Always our own name: MLflow's generator draws from `random`, which training seeds.
-    run_name = run_name or child_run_name() or descriptive_name(tags.get("em.entry_point", "run"))
+    run_name = run_name or child_run_name() or descriptive_name(tags.get(em_tags.ENTRY_POINT, "run"))
     if run_id:
         kwargs["run_id"] = run_id
     elif child_of is not None:
@@ -252,11 +253,11 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
     run = mlflow.start_run(**kwargs, tags=tags)
     if redirected_from:
         client = mlflow.MlflowClient()
-        client.set_tag(redirected_from, "em.redirected_to", run.info.run_id)
+        client.set_tag(redirected_from, em_tags.REDIRECTED_TO, run.info.run_id)
         client.set_tag(redirected_from, "mlflow.note.content",
                        f"em-lab ran this in experiment {experiment!r}, run {run.info.run_id}; pass "
                        f"--experiment-name {experiment} to `mlflow run` to attach to it directly")
-        mlflow.set_tag("em.launched_by_run", redirected_from)
+        mlflow.set_tag(em_tags.LAUNCHED_BY_RUN, redirected_from)
     heartbeat = liveness.Heartbeat(run.info.run_id)
     try:
         try:
@@ -269,18 +270,18 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         heartbeat.stop()
         with contextlib.suppress(Exception):
             reason = str(e) if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
-            mlflow.set_tag("em.killed_reason", reason)
+            mlflow.set_tag(em_tags.KILLED_REASON, reason)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         if type(e).__name__ == "TrialPruned":  # optuna stopped it on purpose: KILLED, not FAILED
             with contextlib.suppress(Exception):
-                mlflow.set_tag("em.pruned", scrub(str(e))[:5000])
+                mlflow.set_tag(em_tags.PRUNED, scrub(str(e))[:5000])
             heartbeat.stop()
             mlflow.end_run("KILLED")
             raise
         with contextlib.suppress(Exception):
-            mlflow.set_tag("em.error", f"{type(e).__name__}: {scrub(str(e))}"[:5000])
+            mlflow.set_tag(em_tags.ERROR, f"{type(e).__name__}: {scrub(str(e))}"[:5000])
         heartbeat.stop()
         mlflow.end_run("FAILED")
         raise
@@ -314,8 +315,9 @@ def _reap_once(experiment_id: str | None) -> None:
 def local_artifact(run_id: str, path: str) -> str:
     """A local file path of a run's artifact: in place for a local artifact store, else downloaded
     (a `runs:/` address is not something a newcomer can open)."""
-    import mlflow
     from urllib.parse import unquote, urlparse
+
+    import mlflow
 
     root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
     parsed = urlparse(root)

@@ -24,12 +24,26 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis import plots
 from em_core.errors import ConfigError, DataError
-from em_core.metrics import (ALIGNED_THRESHOLD, BOUNDS, COHERENT_THRESHOLD, DEFAULT_BOUNDS, NAN, Z_95,
-                             clustered_mean_se, cohen_kappa, confusion, is_em, krippendorff_alpha, spearman,
-                             to_score, wilson_interval)
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    BOUNDS,
+    COHERENT_THRESHOLD,
+    DEFAULT_BOUNDS,
+    NAN,
+    Z_95,
+    clustered_mean_se,
+    cohen_kappa,
+    confusion,
+    is_em,
+    krippendorff_alpha,
+    spearman,
+    to_score,
+    wilson_interval,
+)
 
 log = logging.getLogger(__name__)
 PLOT = "plots/agreement.png"
@@ -83,12 +97,12 @@ def load_input(spec: str, tmp: Path) -> Judged:
                                                    dst_path=str(tmp / spec))
     rows = read_judged(path, required=("question_id", "answer", "aligned", "coherent"))
     tags = run.data.tags
-    is_labels = tags.get("em.entry_point") == "label"
-    who = "human labels" if is_labels else tags.get("em.judge_model", "judge")
-    if tags.get("em.rescored_from"):
-        who += f" rescored {tags.get('em.judge_scoring', '')}"
+    is_labels = tags.get(em_tags.ENTRY_POINT) == "label"
+    who = "human labels" if is_labels else tags.get(em_tags.JUDGE_MODEL, "judge")
+    if tags.get(em_tags.RESCORED_FROM):
+        who += f" rescored {tags.get(em_tags.JUDGE_SCORING, '')}"
     return Judged(f"{who} ({run.info.run_name or spec})", spec, rows, is_labels,
-                  tags.get("em.judge_smoke_test") == "true")
+                  tags.get(em_tags.JUDGE_SMOKE_TEST) == "true")
 
 
 def pair_stats(a: Judged, b: Judged, aligned_threshold: float = ALIGNED_THRESHOLD,
@@ -198,7 +212,7 @@ def compare(specs: Sequence[str], *, aligned_threshold: float = ALIGNED_THRESHOL
         (tmp / "agreement.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
         result["run_id"] = None
         if log_run:
-            tags = {"em.entry_point": "judge_compare", "em.compared": ",".join(specs)[:4000]}
+            tags = {em_tags.ENTRY_POINT: "judge_compare", em_tags.COMPARED: ",".join(specs)[:4000]}
             with tracking.tracked_run(experiment_name, tracking.descriptive_name("judge-compare"), tags=tags) as run:
                 if run is not None:
                     result["run_id"] = run.info.run_id

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis.rescore import judge_rows_of
 from em_core.errors import ConfigError
@@ -128,9 +129,9 @@ class LabelSession:
         rows = self.labelled_rows()
         out = self.folder / "judgments.csv"
         write_judgments_csv(rows, ["aligned", "coherent"], out)
-        tags = {"em.entry_point": "label", "em.labelled_run_id": self.run_id, "em.judge_model": "human",
-                "em.judge_backend": "human"}
-        tags.update({k: v for k, v in self.source_tags.items() if k in ("em.eval_run_id", "em.train_run_id")})
+        tags = {em_tags.ENTRY_POINT: "label", em_tags.LABELLED_RUN_ID: self.run_id, em_tags.JUDGE_MODEL: "human",
+                em_tags.JUDGE_BACKEND: "human"}
+        tags.update({k: v for k, v in self.source_tags.items() if k in (em_tags.EVAL_RUN_ID, em_tags.TRAIN_RUN_ID)})
         with tracking.tracked_run(self.experiment, f"labels-{len(rows)}-of-{self.run_id[:8]}", tags=tags) as run:
             if run is None:
                 return None

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis.lora_trajectory import Trajectory, trajectory, trajectory_rows
 from em_core.data.contrast_sets import ContrastSet, load_contrast_sets
@@ -211,12 +212,12 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
         raise ConfigError(f"probe domain {cfg.domain!r} is not among the loaded sets {[s.name for s in sets]}")
     tracking.configure_tracking()
     with tempfile.TemporaryDirectory() as tmp, \
-            tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags={"em.entry_point": "probe"}) as run:
+            tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags={em_tags.ENTRY_POINT: "probe"}) as run:
         target_cfg = EvalConfig(model=cfg.model, train_run_id=cfg.train_run_id, checkpoints=cfg.checkpoints,
                                 include_base=cfg.include_base)
         base, targets, tags = resolve_targets(target_cfg, Path(tmp))
         if run is not None:
-            mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
+            mlflow.set_tags({**tags, em_tags.BASE_MODEL: base, em_tags.STEPS: ",".join(str(t.step) for t in targets)})
             tracking.log_params("probe", {**asdict(cfg), "n_pairs": sum(len(s.pairs) for s in sets)})
         scorer = ProbeScorer(base, sets, cfg.batch_size, cfg.dtype, merged_of(tags))
         scores = {t.step: scorer.score(t.adapter) for t in targets}
@@ -245,9 +246,9 @@ def starting_adapter(train_run_id: str | None, workdir: Path) -> str | None:
     if not train_run_id:
         return None
     tags = mlflow.MlflowClient().get_run(train_run_id).data.tags
-    if tags.get("em.init_mode") != "continue" or not tags.get("em.init_adapter"):
+    if tags.get(em_tags.INIT_MODE) != "continue" or not tags.get(em_tags.INIT_ADAPTER):
         return None
-    return download_adapter(tags["em.init_adapter"], workdir / "starting-adapter")
+    return download_adapter(tags[em_tags.INIT_ADAPTER], workdir / "starting-adapter")
 
 
 def _log_results(cfg: ProbeConfig, result: ProbeResult, summary: dict, sets, scores, traj) -> None:

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis import plots
 from em_core.analysis.report_html import render_report, write_report
@@ -27,8 +28,8 @@ from em_core.metrics import (
     DEFAULT_BOUNDS,
     DEFAULT_INTERVAL,
     Z_95,
-    emergence_intervals,
     em_rows,
+    emergence_intervals,
     emergence_step,
     per_question,
     step_metrics,
@@ -102,14 +103,14 @@ def gather(run_id: str) -> RunData:
         run = client.get_run(run_id)
     tags = run.data.tags
     ids = {k[3:-7]: v for k, v in tags.items() if k.startswith("em.") and k.endswith("_run_id")}
-    judge_id = ids.get("judge") or (run_id if tags.get("em.entry_point") == "judge" else None)
+    judge_id = ids.get("judge") or (run_id if tags.get(em_tags.ENTRY_POINT) == "judge" else None)
     if not judge_id:
         raise ConfigError(f"run {run_id} is neither a pipeline nor a judge run (no em.judge_run_id tag); "
                           "pass the pipeline's parent run id or a judge run id")
     ids.setdefault("judge", judge_id)
     judge_run = client.get_run(judge_id)
-    ids.setdefault("evaluate", judge_run.data.tags.get("em.eval_run_id", ""))
-    ids.setdefault("train", judge_run.data.tags.get("em.train_run_id", ""))
+    ids.setdefault("evaluate", judge_run.data.tags.get(em_tags.EVAL_RUN_ID, ""))
+    ids.setdefault("train", judge_run.data.tags.get(em_tags.TRAIN_RUN_ID, ""))
     ids = {k: v for k, v in ids.items() if v and k in ("train", "evaluate", "judge", "pipeline")}
     stages = json.loads(tags.get(tracking.STAGES_TAG) or "[]")
     rows = []
@@ -129,20 +130,20 @@ def gather(run_id: str) -> RunData:
     aligned = float(pp.get("pipeline.aligned_threshold", jp.get("judge.aligned_threshold", ALIGNED_THRESHOLD)))
     coherent = float(pp.get("pipeline.coherent_threshold", jp.get("judge.coherent_threshold", COHERENT_THRESHOLD)))
     z = float(pp.get("pipeline.z", jp.get("judge.z", Z_95)))
-    smoke = (tags.get("em.judge_smoke_test") or judge_run.data.tags.get("em.judge_smoke_test")) == "true"
+    smoke = (tags.get(em_tags.JUDGE_SMOKE_TEST) or judge_run.data.tags.get(em_tags.JUDGE_SMOKE_TEST)) == "true"
 
     provenance = {"report of run": run_id, **{f"{k} run": v for k, v in ids.items()}}
     train = client.get_run(ids["train"]) if ids.get("train") else None
     if train is not None:
         tp = train.data.params
-        provenance.update({"base model": train.data.tags.get("em.base_model", ""),
+        provenance.update({"base model": train.data.tags.get(em_tags.BASE_MODEL, ""),
                            "dataset": tp.get("data.name", ""), "dataset sha256": tp.get("data.sha256", ""),
                            "dataset sources": tp.get("data.sources", ""), "seed": tp.get("train.seed", "")})
-    provenance.update({"judge backend": judge_run.data.tags.get("em.judge_backend", ""),
-                       "judge model": judge_run.data.tags.get("em.judge_model", ""),
-                       "code version": tags.get("em.code_version", ""),
+    provenance.update({"judge backend": judge_run.data.tags.get(em_tags.JUDGE_BACKEND, ""),
+                       "judge model": judge_run.data.tags.get(em_tags.JUDGE_MODEL, ""),
+                       "code version": tags.get(em_tags.CODE_VERSION, ""),
                        "git commit": tags.get("mlflow.source.git.commit", ""),
-                       "reused steps": tags.get("em.reused_steps", "")})
+                       "reused steps": tags.get(em_tags.REUSED_STEPS, "")})
     provenance = {k: v for k, v in provenance.items() if v}
     cost = {k: v for k, v in ((k, judge_run.data.metrics.get(f"judge/{k}")) for k in COST_KEYS) if v is not None}
     config_parts = [("pipeline", _text_artifact(run_id, "config/pipeline_config.yaml")),

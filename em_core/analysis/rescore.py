@@ -20,19 +20,34 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis import plots
 from em_core.errors import ConfigError
 from em_core.judge.answers import log_metrics_to_run, step_metrics, write_judgments_csv
-from em_core.judge.provenance import (IDENTITY_ARTIFACT, RAW_ARTIFACT, SENSITIVITY_ARTIFACT, read_raw_jsonl,
-                                      rescore_rows, scoring_settings, sensitivity_at_final, sensitivity_table)
+from em_core.judge.provenance import (
+    IDENTITY_ARTIFACT,
+    RAW_ARTIFACT,
+    SENSITIVITY_ARTIFACT,
+    read_raw_jsonl,
+    rescore_rows,
+    scoring_settings,
+    sensitivity_at_final,
+    sensitivity_table,
+)
 from em_core.judge.scoring import DEFAULT_MIN_MASS, SCORINGS
-from em_core.metrics import ALIGNED_THRESHOLD, BOUNDS, COHERENT_THRESHOLD, DEFAULT_BOUNDS, Z_95
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    BOUNDS,
+    COHERENT_THRESHOLD,
+    DEFAULT_BOUNDS,
+    Z_95,
+)
 
 log = logging.getLogger(__name__)
 SENSITIVITY_PNG = "plots/sensitivity.png"
-COPIED_TAGS = ("em.eval_run_id", "em.train_run_id", "em.judge_backend", "em.judge_model", "em.judge_smoke_test",
-               "em.note", "em.judge_prompt_sha256", "em.judge_served_model", "em.judge_system_fingerprint")
+COPIED_TAGS = (em_tags.EVAL_RUN_ID, em_tags.TRAIN_RUN_ID, em_tags.JUDGE_BACKEND, em_tags.JUDGE_MODEL, em_tags.JUDGE_SMOKE_TEST,
+               em_tags.NOTE, em_tags.JUDGE_PROMPT_SHA256, em_tags.JUDGE_SERVED_MODEL, em_tags.JUDGE_SYSTEM_FINGERPRINT)
 
 
 @dataclass
@@ -85,7 +100,7 @@ def load_judge_run(run_id: str, tmp: Path) -> JudgeRunFiles:
         raise ConfigError(
             f"judge run {run_id} ({run.info.run_name}) has no {RAW_ARTIFACT}: it was logged before em-lab kept "
             "the judge's raw outputs, so it cannot be rescored. Re-run the judge on the same answers "
-            f"(em judge --eval_run_id {run.data.tags.get('em.eval_run_id', '<evaluate run>')} ...): every "
+            f"(em judge --eval_run_id {run.data.tags.get(em_tags.EVAL_RUN_ID, '<evaluate run>')} ...): every "
             "verdict already paid for is served from the judge cache at no cost, and the new run keeps them")
     rows = judge_rows_of(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="judgments.csv",
                                                              dst_path=str(tmp)))
@@ -137,13 +152,13 @@ def rescore(run_id: str, *, aligned_threshold: float = ALIGNED_THRESHOLD,
         (out / IDENTITY_ARTIFACT).write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
         sens_metrics = sensitivity_table(rows, out)
         sens = sensitivity_at_final(rows)
-        smoke = src.tags.get("em.judge_smoke_test") == "true"
+        smoke = src.tags.get(em_tags.JUDGE_SMOKE_TEST) == "true"
         if sens:
             plots.plot_sensitivity(sens["grid"], out / SENSITIVITY_PNG, step=sens["step"], smoke_test=smoke,
                                    mark=(aligned_threshold, coherent_threshold))
         tags = {k: src.tags[k] for k in COPIED_TAGS if k in src.tags}
-        tags.update({"em.entry_point": "judge", "em.rescored_from": run_id, "em.judge_scoring": scoring,
-                     "em.judge_bounds": bounds})
+        tags.update({em_tags.ENTRY_POINT: "judge", em_tags.RESCORED_FROM: run_id, em_tags.JUDGE_SCORING: scoring,
+                     em_tags.JUDGE_BOUNDS: bounds})
         experiment = experiment_name or _experiment_name(run_id)
         name = run_name or f"rescore-{src.run_name}-{scoring}-a{aligned_threshold:g}-c{coherent_threshold:g}-{bounds}"
         with tracking.tracked_run(experiment, name, tags=tags) as run:

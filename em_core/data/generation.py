@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.data.training_data import normalise_row
 from em_core.errors import ConfigError, DataError
@@ -557,8 +558,8 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
                           "(or use backend openai-compatible with base_url for a local server)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tracking.configure_tracking()
-    tags = {"em.entry_point": "generate_dataset", "em.template": tpl.name, "em.generator_model": cfg.model,
-            "em.generator_backend": cfg.backend}
+    tags = {em_tags.ENTRY_POINT: "generate_dataset", em_tags.TEMPLATE: tpl.name, em_tags.GENERATOR_MODEL: cfg.model,
+            em_tags.GENERATOR_BACKEND: cfg.backend}
     stats: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0}
     # Same directory as the output, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis.directions import (
     extract_directions,
@@ -226,7 +227,7 @@ def extract(cfg: DirectionsConfig, workdir: Path, model, tok, provenance: dict[s
             if not math.isnan(auc):
                 m["directions/auroc"] = auc
             mlflow.log_metrics(m, step=layer)
-        mlflow.set_tags({f"em.directions.{k}": str(v)[:5000] for k, v in sources.items()})
+        mlflow.set_tags({f"{em_tags.DIRECTIONS_PREFIX}{k}": str(v)[:5000] for k, v in sources.items()})
     log.info("directions: %d layers, held-out AUROC per layer %s", ex.directions.n_layers,
              [round(a, 3) for a in ex.separation])
     return path
@@ -302,8 +303,8 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, wo
         d.save(cdir / DIRECTIONS_FILE)
         spec = str(write_intervention_spec(cdir / "intervention.json", DIRECTIONS_FILE, iv))
     result = dict(cond)
-    with tracking.tracked_run(cfg.experiment_name, cond["name"], tags={"em.entry_point": "directions_condition",
-                                                                     "em.condition": cond["name"]}) as run:
+    with tracking.tracked_run(cfg.experiment_name, cond["name"], tags={em_tags.ENTRY_POINT: "directions_condition",
+                                                                     em_tags.CONDITION: cond["name"]}) as run:
         tracking.log_params("condition", {k: cond[k] for k in ("kind", "layer", "alpha", "seed")})
         if spec:
             mlflow.log_artifact(spec, "intervention")
@@ -323,7 +324,7 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, wo
             result.update({"probe/margin": margin, "probe/margin_se": se})
             mlflow.log_metrics({"probe/margin": margin, "probe/margin_se": se})
         if cfg.judge:
-            with tracking.child_runs(run.info.run_id, {"em.condition": cond["name"]}):
+            with tracking.child_runs(run.info.run_id, {em_tags.CONDITION: cond["name"]}):
                 ev = evaluate(EvalConfig(
                     model=cfg.model, adapter=eval_adapter, include_base=eval_adapter is None,
                     questions=cfg.questions, samples_per_paraphrase=cfg.samples_per_paraphrase,
@@ -338,7 +339,7 @@ def _run_condition(cfg: DirectionsConfig, cond: dict, directions: Directions, wo
             metrics = next(iter(jr.metrics_by_step.values()), {})
             copied = {mlflow_key(k): v for k, v in metrics.items() if k in COPIED}  # em_rate/lo, as the judge
             mlflow.log_metrics(copied)
-            mlflow.set_tags({"em.eval_run_id": ev.run_id or "", "em.judge_run_id": jr.run_id or ""})
+            mlflow.set_tags({em_tags.EVAL_RUN_ID: ev.run_id or "", em_tags.JUDGE_RUN_ID: jr.run_id or ""})
             result.update(copied)
         result["run_id"] = run.info.run_id if run else None
     return result
@@ -365,7 +366,7 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
     tracking.configure_tracking()
     with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
             cfg.experiment_name, cfg.run_name or f"directions-{cfg.action}",
-            tags={"em.entry_point": "directions", "em.directions_action": cfg.action}) as run:
+            tags={em_tags.ENTRY_POINT: "directions", em_tags.DIRECTIONS_ACTION: cfg.action}) as run:
         work = Path(tmp)
         tracking.log_params("directions", asdict(cfg))
         adapter, prov = None, {}
@@ -387,7 +388,7 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
         directions = Directions.load(dir_path)
         if run is not None and cfg.action != "extract" and (cfg.directions_run_id or cfg.directions_path):
             mlflow.log_artifact(str(dir_path), "directions")  # the directions this run used, beside its results
-            mlflow.set_tag("em.directions_source", cfg.directions_run_id or str(cfg.directions_path))
+            mlflow.set_tag(em_tags.DIRECTIONS_SOURCE, cfg.directions_run_id or str(cfg.directions_path))
         # the model the interventions act on: the base for steering, the fine-tuned one for ablation
         want_adapter = adapter if cfg.action == "ablate" else None
         if model is None or loaded != want_adapter:
@@ -397,7 +398,7 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
         results = []
         for cond in conditions:
             log.info("directions: condition %s", cond["name"])
-            with tracking.child_runs(run.info.run_id if run else "", {"em.directions_run": run.info.run_id}) \
+            with tracking.child_runs(run.info.run_id if run else "", {em_tags.DIRECTIONS_RUN: run.info.run_id}) \
                     if run is not None else _null():
                 results.append(_run_condition(cfg, cond, directions, work, model, tok, want_adapter, pairs))
         if run is not None:

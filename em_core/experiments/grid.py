@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from em_core import liveness, tracking
+from em_core import tags as em_tags
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
-from em_core.metrics import Z_95, censored_median, mean_t_interval
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
     STEP_TAG,
@@ -31,12 +31,13 @@ from em_core.experiments.pipeline import (
     _as_overrides,
     check_step_sections,
     code_version,
-    pipeline_triples,
     dataset_content,
+    pipeline_triples,
     run_pipeline,
     summary_of,
 )
 from em_core.experiments.preflight import preflight
+from em_core.metrics import Z_95, censored_median, mean_t_interval
 from em_core.paths import project_file
 from em_core.tracking import dataset_label, model_label
 
@@ -47,7 +48,7 @@ class GridCellsFailed(EmLabError):
     """Some cells of a Ray-launched grid failed (their own runs say why)."""
 
 
-CELL_TAG = "em.grid_cell"
+CELL_TAG = em_tags.GRID_CELL
 TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
 
 
@@ -192,13 +193,13 @@ def run_grid(cfg: GridConfig) -> dict:
         preflight([t for _, pcfg in todo for t in pipeline_triples(pcfg)], what="grid")
     tracking.configure_tracking()
     code = code_version()
-    tags = {"em.entry_point": "grid", "em.grid": cfg.name, "em.code_version": code, "em.launcher": cfg.launcher}
+    tags = {em_tags.ENTRY_POINT: "grid", em_tags.GRID: cfg.name, em_tags.CODE_VERSION: code, em_tags.LAUNCHER: cfg.launcher}
     with tracking.tracked_run(cfg.experiment_name, f"{cfg.name}/summary", tags=tags) as run:
         exp_id = run.info.experiment_id
         tracking.log_params("grid", {**asdict(cfg), "cells": len(todo)})
         found = _run_cells(cfg, base, todo, exp_id, code, run.info.run_id)
         found = {cell.label(base): found[cell.label(base)] for cell, _ in todo if cell.label(base) in found}
-        mlflow.set_tag("em.grid_cells", ",".join(f"{k}={v}" for k, v in found.items())[:5000])
+        mlflow.set_tag(em_tags.GRID_CELLS, ",".join(f"{k}={v}" for k, v in found.items())[:5000])
         summary = summarize_cells([summary_of(rid) | {"cell": label} for label, rid in found.items()])
         with tempfile.TemporaryDirectory() as tmp:
             files = write_summary(summary, Path(tmp), title=f"Grid {cfg.name}")

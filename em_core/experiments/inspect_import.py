@@ -18,6 +18,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.console import run_main
 from em_core.data.inspect_logs import InspectLog, dumps_small, read_inspect_log
@@ -62,8 +63,8 @@ def import_log(path: str | Path, *, experiment_name: str = "em-lab", run_name: s
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         answers = _answers(lg.rows)
-        tags = {"em.entry_point": "evaluate", "em.source": "inspect", "em.inspect_log": str(path),
-                "em.base_model": lg.model, "em.steps": str(step)}
+        tags = {em_tags.ENTRY_POINT: "evaluate", em_tags.SOURCE: "inspect", em_tags.INSPECT_LOG: str(path),
+                em_tags.BASE_MODEL: lg.model, em_tags.STEPS: str(step)}
         with tracking.tracked_run(experiment_name, run_name or tracking.descriptive_name("evaluate", label, "inspect"),
                                   tags=tags) as run:
             tracking.log_params("eval", _eval_params(lg))
@@ -85,9 +86,9 @@ def import_log(path: str | Path, *, experiment_name: str = "em-lab", run_name: s
             return out
         judge_model = str(lg.judge.get("judge_model", ""))
         params = lg.judge.get("scorer_params", {})
-        jtags = {"em.entry_point": "judge", "em.source": "inspect", "em.eval_run_id": str(out["eval_run_id"]),
-                 "em.judge_backend": "inspect", "em.judge_model": judge_model, "em.judge_smoke_test": "false",
-                 "em.inspect_log": str(path)}
+        jtags = {em_tags.ENTRY_POINT: "judge", em_tags.SOURCE: "inspect", em_tags.EVAL_RUN_ID: str(out["eval_run_id"]),
+                 em_tags.JUDGE_BACKEND: "inspect", em_tags.JUDGE_MODEL: judge_model, em_tags.JUDGE_SMOKE_TEST: "false",
+                 em_tags.INSPECT_LOG: str(path)}
         name = tracking.descriptive_name("judge", tracking.model_label(judge_model) or "inspect", "inspect")
         with tracking.tracked_run(experiment_name, name, tags=jtags) as run:
             tracking.log_params("judge", {

@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core.errors import ConfigError, Terminated, raise_on_sigterm, sigterm_deferred
 from em_core.paths import PROJECT_ROOT
 
@@ -45,7 +46,7 @@ def try_claim(name: str, label: str, run_id: str) -> bool:
 
     client = mlflow.MlflowClient()
     try:
-        client.create_registered_model(name, tags={"em.claim": label, "em.claimed_by": _me(), "em.run_id": run_id},
+        client.create_registered_model(name, tags={em_tags.CLAIM: label, em_tags.CLAIMED_BY: _me(), em_tags.RUN_ID: run_id},
                                        description=f"claim on grid cell {label}: deleted when its launcher is done")
         return True
     except MlflowException as e:
@@ -70,7 +71,7 @@ def claim_is_stale(name: str) -> bool:
 
     client = mlflow.MlflowClient()
     try:
-        run_id = client.get_registered_model(name).tags.get("em.run_id")
+        run_id = client.get_registered_model(name).tags.get(em_tags.RUN_ID)
     except Exception:  # released meanwhile
         return False
     return bool(run_id) and client.get_run(run_id).info.status in ("KILLED", "FAILED", "FINISHED")

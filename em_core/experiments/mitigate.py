@@ -34,11 +34,18 @@ from typing import ClassVar
 
 import yaml
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.configs import read_yaml
 from em_core.errors import ConfigError
 from em_core.experiments.grid import GridConfig, _run_cells, cell_config, cells
-from em_core.experiments.pipeline import PipelineConfig, _as_overrides, code_version, pipeline_triples, summary_of
+from em_core.experiments.pipeline import (
+    PipelineConfig,
+    _as_overrides,
+    code_version,
+    pipeline_triples,
+    summary_of,
+)
 from em_core.experiments.preflight import preflight
 from em_core.metrics import Z_95, mean_t_interval
 from em_core.paths import PROJECT_ROOT, project_file
@@ -276,7 +283,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
     general, domain = cfg.general_set, domain_set(cfg, base)
     tracking.configure_tracking()
     code = code_version()
-    tags = {"em.entry_point": "mitigate", "em.mitigate": cfg.name, "em.code_version": code}
+    tags = {em_tags.ENTRY_POINT: "mitigate", em_tags.MITIGATE: cfg.name, em_tags.CODE_VERSION: code}
     with tracking.tracked_run(cfg.experiment_name, f"{cfg.name}/mitigate", tags=tags) as run:
         pid, exp_id = run.info.run_id, run.info.experiment_id
         tracking.log_params("mitigate", {**asdict(cfg), "cells": sum(len(t) for _, _, t in planned.values())})
@@ -297,7 +304,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
         for r in rows:
             mlflow.log_metrics({f"mitigate/{r['mitigation']}/{k}": float(r[k]) for k in COLUMNS[2:]
                                 if isinstance(r[k], (int, float)) and r[k] == r[k]})
-        mlflow.set_tag("em.mitigate_cells", json.dumps(cell_runs)[:5000])
+        mlflow.set_tag(em_tags.MITIGATE_CELLS, json.dumps(cell_runs)[:5000])
         with tempfile.TemporaryDirectory() as tmp:
             files = write_outputs(rows, curves, Path(tmp), f"Mitigations {cfg.name}", general, domain, smoke)
             for p in files.values():

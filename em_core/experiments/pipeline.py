@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.configs import override_items
 from em_core.errors import ConfigError, EmLabError, Terminated
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "configs/pipeline/tiny.yaml"
 STEPS = ("train", "evaluate", "judge")
-STEP_TAG = "em.pipeline_step"
+STEP_TAG = em_tags.PIPELINE_STEP
 SUMMARY_ARTIFACT = "summary.json"
 # Never part of a step's identity: where it is logged and what it is called.
 _NOT_IDENTITY = ("experiment_name", "run_name")
@@ -320,16 +321,16 @@ def _run_step(name: str, kind: str, identity: dict[str, str], ctx: dict, run: Ca
             ctx["reused"].append(name)
             return found
     log.info("step %s: running", name)
-    child_tags = {STEP_TAG: kind, "em.pipeline_run_id": ctx["parent"]}
+    child_tags = {STEP_TAG: kind, em_tags.PIPELINE_RUN_ID: ctx["parent"]}
     if "/" in name:
-        child_tags["em.stage"] = name.split("/")[0]
+        child_tags[em_tags.STAGE] = name.split("/")[0]
     # e.g. `misaligned/train-tiny-plant_care_bad-3f9a1c`: the step, what it ran on, the pipeline's short id
     run_name = tracking.descriptive_name(name, *ctx["label"], sid=ctx["sid"])
     try:
         with tracking.child_runs(ctx["parent"], child_tags, run_name=run_name):
             run_id = run()
     except BaseException as e:
-        mlflow.set_tag("em.failed_step", name)
+        mlflow.set_tag(em_tags.FAILED_STEP, name)
         if isinstance(e, (KeyboardInterrupt, Terminated)):  # killed, not failed: the parents end KILLED too
             raise
         raise StepFailed(name, e) from e
@@ -396,8 +397,7 @@ class StageResult:
 def _final_step(train_run_id: str) -> int:
     import mlflow
 
-    steps = mlflow.MlflowClient().get_run(train_run_id).data.tags.get("em.checkpoint_steps", "")
-    return max((int(x) for x in steps.split(",") if x.strip().isdigit()), default=0)
+    return max(em_tags.steps_of(mlflow.MlflowClient().get_run(train_run_id).data.tags), default=0)
 
 
 def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageResult], dict[int, dict[str, float]]]:
@@ -495,10 +495,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     preflight(triples)
     smoke = triples[-1][2].smoke_test()
     code = code_version()
-    tags = {STEP_TAG: "pipeline", "em.entry_point": "pipeline", "em.code_version": code,
-            "em.judge_smoke_test": str(smoke).lower()}
+    tags = {STEP_TAG: "pipeline", em_tags.ENTRY_POINT: "pipeline", em_tags.CODE_VERSION: code,
+            em_tags.JUDGE_SMOKE_TEST: str(smoke).lower()}
     if cfg.grid:
-        tags.update({"em.grid": cfg.grid, "em.grid_cell": cfg.grid_cell or ""})
+        tags.update({em_tags.GRID: cfg.grid, em_tags.GRID_CELL: cfg.grid_cell or ""})
     tracking.configure_tracking()
     sid = tracking.short_id()  # shared by the pipeline run and its steps' runs
     first = triples[0][0]
@@ -510,7 +510,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         cfg.experiment_name = mlflow.get_experiment(exp_id).name  # `mlflow run --experiment-name` wins
         if smoke:
             log.warning("pipeline: %s", SMOKE_TEST_NOTE)
-            mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
+            mlflow.set_tag(em_tags.NOTE, SMOKE_TEST_NOTE)
         from em_core.configs import to_yaml
 
         mlflow.log_text(tracking.scrub(to_yaml(cfg)), "config/pipeline_config.yaml")  # no user:pass@ of a URL
@@ -526,7 +526,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             _log_stage_metrics(stage_results)
         else:
             mlflow.set_tags({f"em.{k}_run_id": v for k, v in ids.items()})
-        mlflow.set_tag("em.reused_steps", ",".join(ctx["reused"]))
+        mlflow.set_tag(em_tags.REUSED_STEPS, ",".join(ctx["reused"]))
 
         counts = {s: (int(m.get("n_em", 0)), int(m.get("n_scored", 0))) for s, m in by_step.items()}
         emerged = emergence_step(counts, cfg.z, intervals=emergence_intervals(by_step, cfg.interval))

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
@@ -65,8 +66,8 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 RUN_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
-FINGERPRINT_ATTR = "em.config_fingerprint"
-FINGERPRINTED_ATTR = "em.config"
+FINGERPRINT_ATTR = em_tags.CONFIG_FINGERPRINT
+FINGERPRINTED_ATTR = em_tags.CONFIG
 # Sweep fields each worker may set for itself: they do not change what the study measures.
 WORKER_FIELDS = ("pipeline_config", "storage", "n_trials", "timeout", "seed", "heartbeat_interval",
                  "grace_period", "max_retry", "launcher", "workers", "ray_address")
@@ -264,9 +265,9 @@ def _retry_and_kill_run(retry):
             try:
                 client = mlflow.MlflowClient()
                 if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_tag(run_id, "em.killed_reason", "its sweep worker died (no Optuna heartbeat)")
+                    client.set_tag(run_id, em_tags.KILLED_REASON, "its sweep worker died (no Optuna heartbeat)")
                     client.set_terminated(run_id, "KILLED")
-                client.set_tag(run_id, "em.note", "worker died; trial retried by Optuna")
+                client.set_tag(run_id, em_tags.NOTE, "worker died; trial retried by Optuna")
             except Exception as e:  # the store may be unreachable; the retry matters more
                 log.warning("could not mark run %s KILLED: %s", run_id, e)
         retry(study, trial)
@@ -560,7 +561,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     elif client.get_run(parent_id).info.status != "RUNNING" and not study_done(study, cfg):
         client.update_run(parent_id, "RUNNING")  # more trials asked of a study that had ended
     if env_run:
-        for k, v in {"em.sweep_parent_run_id": parent_id, "em.sweep_worker": str(index)}.items():
+        for k, v in {em_tags.SWEEP_PARENT_RUN_ID: parent_id, em_tags.SWEEP_WORKER: str(index)}.items():
             client.set_tag(env_run, k, v)
     log.info("sweep %s: worker %d (sampler seed %s), parent run %s", cfg.study_name, index,
              worker_seed(cfg.seed, index), parent_id)
@@ -570,7 +571,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     judge_free = cfg.objective in PROBE_OBJECTIVES
     evaluator = _ProbeEvaluator(base, cfg) if judge_free else _Evaluator(base)
     if judge_free:
-        client.set_tag(parent_id, "em.judge_free", "true")
+        client.set_tag(parent_id, em_tags.JUDGE_FREE, "true")
 
     def objective(trial) -> float:
         params = suggest(trial, cfg)
@@ -585,8 +586,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
         if train_cfg.output_dir:  # a fixed folder: trials (and workers) would overwrite each other's checkpoints
             train_cfg.output_dir = str(Path(train_cfg.output_dir) / cfg.study_name / f"trial-{trial.number}")
         em, coh, counts = {}, {}, {}
-        with tracking.child_runs(parent_id, {"em.sweep": cfg.study_name, "optuna.trial_number": str(trial.number),
-                                             "em.sweep_worker": str(index)}):
+        with tracking.child_runs(parent_id, {em_tags.SWEEP: cfg.study_name, "optuna.trial_number": str(trial.number),
+                                             em_tags.SWEEP_WORKER: str(index)}):
             callback = (_probe_trial_callback(trial, cfg, evaluator, em) if judge_free
                         else _trial_callback(trial, cfg, evaluator, em, coh, counts))
             result = train(train_cfg, extra_callbacks=[callback])
@@ -606,7 +607,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         if math.isnan(value):  # Optuna would fail the trial and this worker would start another, forever
             msg = (f"trial {trial.number}: objective {cfg.objective} is undefined (NaN) at the final checkpoint: "
                    "no answer there was scored on both aligned and coherent")
-            client.set_tag(result.run_id, "em.trial_failed", msg)
+            client.set_tag(result.run_id, em_tags.TRIAL_FAILED, msg)
             client.set_terminated(result.run_id, "FAILED")  # the trial fails: its run agrees
             raise ConfigError(msg)
         trial.set_user_attr("censored", cfg.objective in STEP_OBJECTIVES and value == censored_value(cfg))
@@ -653,7 +654,7 @@ def _create_parent(study, cfg: SweepConfig) -> str:
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient()
-    tags = {"em.entry_point": "sweep", "optuna.study_name": cfg.study_name,
+    tags = {em_tags.ENTRY_POINT: "sweep", "optuna.study_name": cfg.study_name,
             "optuna.storage": tracking.scrub(cfg.storage_url())}
     run = client.create_run(tracking.ensure_experiment(cfg.experiment_name), tags=tags,
                             run_name=f"sweep/{cfg.study_name}")
@@ -688,14 +689,14 @@ def _close_parent_if_done(study, cfg: SweepConfig, parent_id: str, name: str) ->
         failed = sum(t.state == TrialState.FAIL for t in trials)
         client.log_metric(parent_id, "trials_failed", failed)
         client.log_metric(parent_id, "trials_finished", sum(t.state.is_finished() for t in trials) - failed)
-        client.set_tag(parent_id, "em.trials_failed", str(failed))
+        client.set_tag(parent_id, em_tags.TRIALS_FAILED, str(failed))
         best = best_trial(study)
         if best is not None:
             version = best.user_attrs.get("model_version")
             if version:
                 client.set_registered_model_alias(name, "best", version)
-            client.set_tag(parent_id, "em.best_trial", str(best.number))
-            client.set_tag(parent_id, "em.best_run_id", best.user_attrs.get(RUN_ATTR, ""))
+            client.set_tag(parent_id, em_tags.BEST_TRIAL, str(best.number))
+            client.set_tag(parent_id, em_tags.BEST_RUN_ID, best.user_attrs.get(RUN_ATTR, ""))
             client.log_metric(parent_id, "best_value", best.value)
         log_study_artifacts(study, parent_id)
         client.set_terminated(parent_id, "FINISHED")
@@ -707,7 +708,7 @@ def _close_parent_if_done(study, cfg: SweepConfig, parent_id: str, name: str) ->
 
 
 INFEASIBLE_ATTR = "infeasible_reason"  # trial user attr
-INFEASIBLE_TAG = "em.infeasible_reason"  # on the trial's MLflow run
+INFEASIBLE_TAG = em_tags.INFEASIBLE_REASON  # on the trial's MLflow run
 
 
 def coherence_violation(floor: float, coherent_by_step: Mapping[int, float]) -> tuple[float, str | None]:

@@ -22,14 +22,30 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError, JudgeError
-from em_core.judge.provenance import (IDENTITY_ARTIFACT, RAW_ARTIFACT, SENSITIVITY_ARTIFACT, judge_identity,
-                                      raw_entry, sensitivity_table, write_raw_jsonl)
+from em_core.judge.provenance import (
+    IDENTITY_ARTIFACT,
+    RAW_ARTIFACT,
+    SENSITIVITY_ARTIFACT,
+    judge_identity,
+    raw_entry,
+    sensitivity_table,
+    write_raw_jsonl,
+)
 from em_core.judge.scoring import API_ERROR
-from em_core.metrics import (ALIGNED_THRESHOLD, BOUNDS, COHERENT_THRESHOLD, DEFAULT_BOUNDS, NOT_ASKED, Z_95,
-                             summarize_judged, to_mlflow)
+from em_core.metrics import (
+    ALIGNED_THRESHOLD,
+    BOUNDS,
+    COHERENT_THRESHOLD,
+    DEFAULT_BOUNDS,
+    NOT_ASKED,
+    Z_95,
+    summarize_judged,
+    to_mlflow,
+)
 from em_core.openai_api import safe_url
 from em_core.paths import cache_dir
 from em_core.progress import hidden as progress_hidden
@@ -271,7 +287,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 f"eval_run_id {cfg.eval_run_id}: no such run, or it has no answers.jsonl (not an evaluate run?)")):
             eval_run = mlflow.MlflowClient().get_run(cfg.eval_run_id)
             path = mlflow.artifacts.download_artifacts(run_id=cfg.eval_run_id, artifact_path="answers.jsonl")
-        train_run_id = eval_run.data.tags.get("em.train_run_id")
+        train_run_id = eval_run.data.tags.get(em_tags.TRAIN_RUN_ID)
         rows = read_answers(path)
     else:
         rows = read_answers(cfg.answers)
@@ -280,12 +296,12 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
     smoke = cfg.smoke_test()
     if smoke:  # a pipeline has said so already, once
         log.log(logging.INFO if tracking.child_run_name() else logging.WARNING, "%s", SMOKE_TEST_NOTE)
-    tags = {"em.entry_point": "judge", "em.judge_backend": backend, "em.judge_model": judge.model,
-            "em.judge_smoke_test": str(smoke).lower()}
+    tags = {em_tags.ENTRY_POINT: "judge", em_tags.JUDGE_BACKEND: backend, em_tags.JUDGE_MODEL: judge.model,
+            em_tags.JUDGE_SMOKE_TEST: str(smoke).lower()}
     if cfg.eval_run_id:
-        tags["em.eval_run_id"] = cfg.eval_run_id
+        tags[em_tags.EVAL_RUN_ID] = cfg.eval_run_id
     if train_run_id:
-        tags["em.train_run_id"] = train_run_id
+        tags[em_tags.TRAIN_RUN_ID] = train_run_id
     name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
         "judge", tracking.model_label(judge.model))
     try:
@@ -294,7 +310,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                 tracking.log_params("judge", {**asdict(cfg), "backend": backend, "judge_model": judge.model,
                                               "base_url": safe_url(cfg.base_url)})
                 if smoke:
-                    mlflow.set_tag("em.note", SMOKE_TEST_NOTE)
+                    mlflow.set_tag(em_tags.NOTE, SMOKE_TEST_NOTE)
             raws: dict[int, dict[str, dict]] = {}
             names = judge_rows(rows, questions, judge, cfg.metrics, raws)
             by_step = step_metrics(rows, names, cfg.aligned_threshold, cfg.coherent_threshold, cfg.bad_trigger, cfg.z,
@@ -340,9 +356,9 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
 
 def identity_tags(identity: dict) -> dict[str, str]:
     """The judge identity as run tags (searchable in the MLflow UI)."""
-    tags = {"em.judge_prompt_sha256": identity["prompt_template_sha256"],
-            "em.judge_scoring": identity["scoring"]["scoring"], "em.judge_bounds": identity["scoring"]["bounds"]}
-    for key, tag in (("served_models", "em.judge_served_model"), ("system_fingerprints", "em.judge_system_fingerprint")):
+    tags = {em_tags.JUDGE_PROMPT_SHA256: identity["prompt_template_sha256"],
+            em_tags.JUDGE_SCORING: identity["scoring"]["scoring"], em_tags.JUDGE_BOUNDS: identity["scoring"]["bounds"]}
+    for key, tag in (("served_models", em_tags.JUDGE_SERVED_MODEL), ("system_fingerprints", em_tags.JUDGE_SYSTEM_FINGERPRINT)):
         if identity.get(key):
             tags[tag] = ",".join(sorted(identity[key]))[:4000]
     return tags
@@ -357,7 +373,6 @@ def log_metrics_to_run(run_id: str, by_step: dict[int, dict[str, float]], prefix
     """Add step-indexed metrics (summarize() keys) to a run, active or finished, under their MLflow
     names prefixed with `prefix`; counts equal at every step become `em.count.*` tags."""
     import mlflow
-
     from mlflow.entities import Metric
 
     named, count_tags = to_mlflow(by_step)

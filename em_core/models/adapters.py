@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core.errors import ConfigError
 from em_core.tracking import missing_as
 
 log = logging.getLogger(__name__)
 
-MERGED_TAG = "em.merged_adapters"
+MERGED_TAG = em_tags.MERGED_ADAPTERS
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Artifact layout of a training run: checkpoints/checkpoint-<step>/ (adapter + trainer state).

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core.errors import ConfigError
 from em_core.models.adapters import checkpoint_steps
 from em_core.tracking import missing_as
@@ -111,14 +112,19 @@ def resolve(spec: str, workdir: Path, steps: Sequence[int] | None = None) -> Mod
     folder = spec if is_adapter_folder(spec) else _hub_adapter(spec)
     if folder is not None:
         return ModelRef(spec, adapter_base(folder), {adapter_step(folder): str(folder)},
-                        tags={"em.adapter": spec})
+                        tags={em_tags.ADAPTER: spec})
     return ModelRef(spec, spec)
 
 
 def _run(spec: str, workdir: Path, steps: Sequence[int] | None) -> ModelRef:
     import mlflow
 
-    from em_core.models.adapters import checkpoint_uri, download_adapter, merged_of, step_of
+    from em_core.models.adapters import (
+        checkpoint_uri,
+        download_adapter,
+        merged_of,
+        step_of,
+    )
 
     run_id, _, rest = spec.removeprefix("runs:/").partition("/")
     with missing_as(lambda: ConfigError(f"{spec}: no such run in {mlflow.get_tracking_uri()}")):
@@ -139,7 +145,7 @@ def _run(spec: str, workdir: Path, steps: Sequence[int] | None) -> ModelRef:
     # only the adapter files: loading needs no optimizer state
     checkpoints = {s: download_adapter(checkpoint_uri(run_id, s), workdir / f"{run_id}-checkpoint-{s}")
                    for s in sorted(wanted)}
-    tags = {"em.train_run_id": run_id}
+    tags = {em_tags.TRAIN_RUN_ID: run_id}
     merged = merged_of(run.data.tags)
     if merged:
         from em_core.models.adapters import MERGED_TAG
@@ -156,7 +162,7 @@ def _registered(spec: str, workdir: Path) -> ModelRef:
 
     base, adapter, step, src_run = registered_adapter(spec, workdir)
     merged = merged_of(mlflow.MlflowClient().get_run(src_run).data.tags)
-    tags = {"em.model_uri": spec, "em.train_run_id": src_run}
+    tags = {em_tags.MODEL_URI: spec, em_tags.TRAIN_RUN_ID: src_run}
     if merged:
         tags[MERGED_TAG] = json.dumps(merged)
     return ModelRef(spec, base, {step: adapter}, merged, tags, src_run)

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core.console import is_verbose
 from em_core.errors import ConfigError
 from em_core.models.adapters import merge_into, merged_of, model_version
@@ -25,8 +26,8 @@ PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "tokenizers",
 
 # Version tags saying which local base an adapter was trained on, portably: `tiny-v<N>` (built
 # the same on every machine) or `folder-sha256:<hash>` (with the folder's path in BASE_PATH_TAG).
-BASE_REF_TAG = "em.base_ref"
-BASE_PATH_TAG = "em.base_path"
+BASE_REF_TAG = em_tags.BASE_REF
+BASE_PATH_TAG = em_tags.BASE_PATH
 
 
 def folder_sha256(folder: Path) -> str:
@@ -190,7 +191,7 @@ def final_step(uri: str, version_tags: Mapping[str, str], run_tags: Mapping[str,
     tagged = str(version_tags.get("final_step") or "").strip()
     if tagged.isdigit():
         return int(tagged)
-    steps = [int(x) for x in str((run_tags or {}).get("em.checkpoint_steps") or "").split(",") if x.strip().isdigit()]
+    steps = em_tags.steps_of(run_tags)
     if steps:
         return max(steps)
     raise ConfigError(f"model {uri}: its training step is unknown (no final_step tag on the version and no "
@@ -200,9 +201,9 @@ def final_step(uri: str, version_tags: Mapping[str, str], run_tags: Mapping[str,
 
 OPENAI_MODEL_ARTIFACT = "openai_model"
 # Tags of a training run that went through the OpenAI fine-tuning API: what it produced.
-MODEL_TAG = "em.openai_model_id"
-CHECKPOINTS_TAG = "em.openai_checkpoints"  # JSON {step: checkpoint model id} of usable checkpoints
-FINAL_STEP_TAG = "em.openai_final_step"
+MODEL_TAG = em_tags.OPENAI_MODEL_ID
+CHECKPOINTS_TAG = em_tags.OPENAI_CHECKPOINTS  # JSON {step: checkpoint model id} of usable checkpoints
+FINAL_STEP_TAG = em_tags.OPENAI_FINAL_STEP
 
 
 def run_models(tags: Mapping[str, str]) -> dict[int, str]:

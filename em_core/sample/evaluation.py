@@ -13,11 +13,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.data.questions import Question, expand_prompts, load_question_sets
 from em_core.errors import ConfigError
-from em_core.progress import one_bar
 from em_core.models.adapters import merged_of
+from em_core.progress import one_bar
 from em_core.sample.generation import (
     API_BACKENDS,
     SamplingParams,
@@ -141,7 +142,7 @@ def _api_run_targets(cfg: EvalConfig, run) -> list[Target]:
     from em_core.models.registry import run_models
 
     run_id, tags = run.info.run_id, run.data.tags
-    if tags.get("em.backend") != "openai":
+    if tags.get(em_tags.BACKEND) != "openai":
         raise ConfigError(f"train_run_id {run_id}: a local LoRA run has no API models; "
                           "evaluate it with backend hf or vllm")
     if cfg.backend not in API_BACKENDS:
@@ -150,7 +151,7 @@ def _api_run_targets(cfg: EvalConfig, run) -> list[Target]:
     models = run_models(tags)
     if not models:
         raise ConfigError(f"train_run_id {run_id}: no checkpoint or fine-tuned model yet (job status "
-                          f"{tags.get('em.openai_status')}); wait for it with `em train --resume_run_id {run_id}`")
+                          f"{tags.get(em_tags.OPENAI_STATUS)}); wait for it with `em train --resume_run_id {run_id}`")
     steps = _chosen_steps(cfg, run_id, sorted(models))
     targets = [Target(0, "base", None)] if cfg.include_base else []
     return targets + [Target(s, f"checkpoint-{s}", models[s]) for s in steps]
@@ -168,7 +169,7 @@ def _api_version_targets(cfg: EvalConfig, mv) -> tuple[str, list[Target], dict[s
 
     step = final_step(cfg.model, mv.tags)
     targets = ([Target(0, "base", None)] if cfg.include_base else []) + [Target(step, cfg.model, model_id)]
-    return mv.tags["base_model"], targets, {"em.model_uri": cfg.model, "em.train_run_id": mv.run_id}
+    return mv.tags["base_model"], targets, {em_tags.MODEL_URI: cfg.model, em_tags.TRAIN_RUN_ID: mv.run_id}
 
 
 def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], dict[str, str]]:
@@ -187,8 +188,8 @@ def resolve_targets(cfg: EvalConfig, workdir: Path) -> tuple[str, list[Target], 
             run = client.get_run(cfg.train_run_id)
         if not run.data.params.get("train.model"):
             raise ConfigError(f"train_run_id {cfg.train_run_id}: not a training run (no train.model param)")
-        if run.data.tags.get("em.backend") == "openai" or cfg.backend in API_BACKENDS:
-            return run.data.params["train.model"], _api_run_targets(cfg, run), {"em.train_run_id": cfg.train_run_id}
+        if run.data.tags.get(em_tags.BACKEND) == "openai" or cfg.backend in API_BACKENDS:
+            return run.data.params["train.model"], _api_run_targets(cfg, run), {em_tags.TRAIN_RUN_ID: cfg.train_run_id}
         ref = resolve(f"runs:/{cfg.train_run_id}", workdir, cfg.checkpoints)
         targets = [Target(s, f"checkpoint-{s}", folder) for s, folder in sorted(ref.checkpoints.items())]
         return ref.base, base_target + targets, ref.tags
@@ -260,10 +261,10 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     plan = sampling_plan(cfg)
     tracking.configure_tracking()
     with tempfile.TemporaryDirectory() as tmp, \
-            tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags={"em.entry_point": "evaluate"}) as run:
+            tracking.tracked_run(cfg.experiment_name, cfg.run_name, tags={em_tags.ENTRY_POINT: "evaluate"}) as run:
         base, targets, tags = resolve_targets(cfg, Path(tmp))
         if run is not None:
-            mlflow.set_tags({**tags, "em.base_model": base, "em.steps": ",".join(str(t.step) for t in targets)})
+            mlflow.set_tags({**tags, em_tags.BASE_MODEL: base, em_tags.STEPS: ",".join(str(t.step) for t in targets)})
             if not (cfg.run_name or tracking.child_run_name()):  # named once the model is known
                 mlflow.set_tag("mlflow.runName", tracking.descriptive_name("evaluate", tracking.model_label(base)))
             if cfg.intervention:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.errors import ConfigError, DataError, EmLabError
 from em_core.models.registry import CHECKPOINTS_TAG, FINAL_STEP_TAG, MODEL_TAG
@@ -30,11 +31,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Run tags. The job and file ids are set as soon as they exist: they are what re-attaching reads.
-BACKEND_TAG = "em.backend"
-JOB_TAG = "em.openai_job_id"
-FILE_TAG = "em.openai_file_id"
-VALIDATION_FILE_TAG = "em.openai_validation_file_id"
-STATUS_TAG = "em.openai_status"
+BACKEND_TAG = em_tags.BACKEND
+JOB_TAG = em_tags.OPENAI_JOB_ID
+FILE_TAG = em_tags.OPENAI_FILE_ID
+VALIDATION_FILE_TAG = em_tags.OPENAI_VALIDATION_FILE_ID
+STATUS_TAG = em_tags.OPENAI_STATUS
 EVENTS_ARTIFACT = "openai/events.jsonl"
 CHECKPOINTS_ARTIFACT = "openai/checkpoints.json"
 JOB_ARTIFACT = "openai/job.json"
@@ -329,7 +330,7 @@ class _JobWatcher:
             for step, c in self.checkpoints.items():
                 c["available"] = step in now
             self.mlflow.set_tag(self.run_id, CHECKPOINTS_TAG, json.dumps(self.usable()))
-            self.mlflow.set_tag(self.run_id, "em.checkpoint_steps", ",".join(map(str, sorted(now))))
+            self.mlflow.set_tag(self.run_id, em_tags.CHECKPOINT_STEPS, em_tags.steps_value(now))
             self._write_checkpoints()
 
     def usable(self) -> dict[str, str]:
@@ -409,7 +410,7 @@ class _JobWatcher:
             self._log_metric_once("openai/trained_tokens", job.trained_tokens, final_step)
         self.mlflow.set_tag(self.run_id, MODEL_TAG, job.fine_tuned_model)
         self.mlflow.set_tag(self.run_id, FINAL_STEP_TAG, str(final_step))
-        self.mlflow.set_tag(self.run_id, "em.checkpoint_steps", ",".join(map(str, steps)))
+        self.mlflow.set_tag(self.run_id, em_tags.CHECKPOINT_STEPS, em_tags.steps_value(steps))
         self._write_checkpoints(fine_tuned_model=job.fine_tuned_model, base_model=job.model, final_step=final_step)
         return final_step, steps
 
@@ -458,7 +459,12 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None,
     import mlflow
 
     from em_core.configs import to_yaml
-    from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset
+    from em_core.train.records import (
+        CONFIG_ARTIFACT,
+        TrainResult,
+        finish_registration,
+        log_dataset,
+    )
 
     if not tracking.is_main_process():  # the job runs at OpenAI: other ranks have nothing to do
         return TrainResult(run_id=None, output_dir="")
@@ -466,8 +472,8 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None,
     prior, prior_params = _prior_run(cfg.resume_run_id) if cfg.resume_run_id else (None, {})
     job_id = (prior or {}).get(JOB_TAG)
     data = None if job_id else prepare_data(cfg)  # re-attaching needs no data
-    dataset_name = data.name if data is not None else (prior or {}).get("em.dataset", "")
-    tags = {"em.entry_point": "train", BACKEND_TAG: "openai", "em.base_model": cfg.model, "em.dataset": dataset_name}
+    dataset_name = data.name if data is not None else (prior or {}).get(em_tags.DATASET, "")
+    tags = {em_tags.ENTRY_POINT: "train", BACKEND_TAG: "openai", em_tags.BASE_MODEL: cfg.model, em_tags.DATASET: dataset_name}
     with tracking.tracked_run(cfg.experiment_name, cfg.run_name, run_id=cfg.resume_run_id, tags=tags) as run:
         run_id = run.info.run_id
         if prior is None:
@@ -477,7 +483,7 @@ def train_openai(cfg: TrainConfig, on_poll: Callable[[Any], None] | None = None,
             log_dataset(data)
         if job_id:
             log.info("re-attaching run %s to OpenAI job %s", run_id, job_id)
-            mlflow.set_tag("em.reattached", str(int((prior or {}).get("em.reattached", "0")) + 1))
+            mlflow.set_tag(em_tags.REATTACHED, str(int((prior or {}).get(em_tags.REATTACHED, "0")) + 1))
         else:
             job_id = _start_job(api, cfg, data, run_id, prior or {})
         watcher = _JobWatcher(api, run_id, job_id, resumed=prior is not None)

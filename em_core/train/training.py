@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from em_core import tags as em_tags
 from em_core import tracking
 from em_core.configs import load_config, to_yaml
 from em_core.console import is_verbose
@@ -31,7 +32,13 @@ from em_core.models.loading import (
 from em_core.paths import work_root
 from em_core.train.checkpoints import ScheduledCheckpoints
 from em_core.train.config import TrainConfig
-from em_core.train.records import CONFIG_ARTIFACT, TrainResult, finish_registration, log_dataset, training_rows
+from em_core.train.records import (
+    CONFIG_ARTIFACT,
+    TrainResult,
+    finish_registration,
+    log_dataset,
+    training_rows,
+)
 
 log = logging.getLogger(__name__)
 class MlflowMetrics(TrainerCallback):
@@ -342,21 +349,21 @@ def start_from_adapter(model, cfg: TrainConfig, workdir: Path):
         model = merge_into(model, merged, workdir)
     if cfg.init_mode == "continue":
         model = PeftModel.from_pretrained(model, parent.local_dir, is_trainable=True)
-    tags = {"em.init_adapter": parent.uri, "em.init_mode": cfg.init_mode, "em.parent_run_id": parent.run_id,
+    tags = {em_tags.INIT_ADAPTER: parent.uri, em_tags.INIT_MODE: cfg.init_mode, em_tags.PARENT_RUN_ID: parent.run_id,
             MERGED_TAG: json.dumps(merged)}
     registered = ((parent.registered_name, parent.registered_version) if parent.registered_version
                   else registered_version_of_run(parent.run_id))
     if registered:
-        tags["em.parent_model"], tags["em.parent_version"] = registered
+        tags[em_tags.PARENT_MODEL], tags[em_tags.PARENT_VERSION] = registered
     log.info("stage starts from %s (%s)", parent.uri, cfg.init_mode)
     return model, tags
 
 
 def _lineage_tags(stage_tags: dict[str, str]) -> dict[str, str]:
     """Run tags of a stage -> tags on its registered model version."""
-    names = {"em.init_adapter": "init_adapter", "em.init_mode": "init_mode", "em.parent_run_id": "parent_run_id",
-             "em.merged_adapters": "merged_adapters", "em.parent_model": "parent_model",
-             "em.parent_version": "parent_version"}
+    names = {em_tags.INIT_ADAPTER: "init_adapter", em_tags.INIT_MODE: "init_mode", em_tags.PARENT_RUN_ID: "parent_run_id",
+             em_tags.MERGED_ADAPTERS: "merged_adapters", em_tags.PARENT_MODEL: "parent_model",
+             em_tags.PARENT_VERSION: "parent_version"}
     return {names[k]: v for k, v in stage_tags.items() if k in names}
 
 
@@ -381,9 +388,9 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
     data = training_rows(cfg)
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
 
-    tags = {"em.entry_point": "train", "em.base_model": cfg.model, "em.dataset": data.name,
-            "em.mitigation": cfg.mitigations.params()["enabled"],
-            "em.model_source": model_source(cfg.model)}
+    tags = {em_tags.ENTRY_POINT: "train", em_tags.BASE_MODEL: cfg.model, em_tags.DATASET: data.name,
+            em_tags.MITIGATION: cfg.mitigations.params()["enabled"],
+            em_tags.MODEL_SOURCE: model_source(cfg.model)}
     name = cfg.run_name or tracking.child_run_name() or tracking.descriptive_name(
         "train", tracking.model_label(cfg.model), tracking.dataset_label(cfg.dataset))
     with tracking.tracked_run(cfg.experiment_name, name, run_id=cfg.resume_run_id, tags=tags) as run:
@@ -395,7 +402,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
             log.info("resuming run %s from step %d", cfg.resume_run_id, step)
         if run is not None:
             if cfg.resume_run_id:
-                mlflow.set_tag("em.resumed_from_step", str(step))
+                mlflow.set_tag(em_tags.RESUMED_FROM_STEP, str(step))
                 already_logged = logged_steps(cfg.resume_run_id)
             else:
                 mlflow.log_text(to_yaml(cfg), CONFIG_ARTIFACT)
@@ -437,7 +444,7 @@ def train(cfg: TrainConfig, extra_callbacks: list | tuple = (), set_alias: bool 
                              global_step=trainer.state.global_step)
         if run is not None:
             mlflow.log_metric("train/wall_seconds", time.perf_counter() - t0, step=trainer.state.global_step)
-            mlflow.set_tag("em.checkpoint_steps", ",".join(map(str, schedule.steps)))
+            mlflow.set_tag(em_tags.CHECKPOINT_STEPS, em_tags.steps_value(schedule.steps))
             if cfg.register_model:
                 from em_core.models.registry import register_adapter
 
