@@ -23,6 +23,27 @@ from em_core.errors import ConfigError
 C = TypeVar("C")
 
 
+# --------------------------------------------------------------------------- shared groups
+# Fields several step configs share are declared once here and inherited (as TRL's scripts share
+# ModelConfig), so a default or help text cannot drift between steps. kw_only: a group's fields
+# go after each config's own in the constructor, whatever their defaults.
+
+@dataclasses.dataclass(kw_only=True)
+class TrackingGroup:
+    """The MLflow experiment a command records into."""
+
+    experiment_name: str = dataclasses.field(default="em-lab", metadata={"help": "MLflow experiment"})
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunGroup(TrackingGroup):
+    """The MLflow experiment and run name of one step's run."""
+
+    run_name: str | None = dataclasses.field(default=None, metadata={
+        "help": "MLflow run name (default: a descriptive one made from the model and data)"})
+
+
+
 def field_names(cls: type) -> list[str]:
     """The settable keys of a config dataclass, in declaration order."""
     return [f.name for f in dataclasses.fields(cls)]

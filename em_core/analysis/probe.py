@@ -23,6 +23,7 @@ from pathlib import Path
 from em_core import tags as em_tags
 from em_core import tracking
 from em_core.analysis.lora_trajectory import Trajectory, trajectory, trajectory_rows
+from em_core.configs import RunGroup
 from em_core.data.contrast_sets import ContrastSet, load_contrast_sets
 from em_core.errors import ConfigError
 from em_core.metrics import Z_95, probe_breadth, probe_emergence_step, probe_margin
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(RunGroup):
     """Which checkpoints to probe, on which contrast sets, and how."""
 
     train_run_id: str | None = field(default=None, metadata={"help": "probe the base + every checkpoint of this run"})
@@ -51,8 +52,6 @@ class ProbeConfig:
     lora_module_metrics: bool = field(default=False, metadata={
         "help": "log lora/<module>/* metrics too (per layer and overall always; every module in lora/trajectory.csv)"})
     log_to_train_run: bool = field(default=True, metadata={"help": "copy the per-step metrics to the training run"})
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
 
     def __post_init__(self) -> None:
         problems = []

@@ -39,6 +39,7 @@ import yaml
 
 from em_core import tags as em_tags
 from em_core import tracking
+from em_core.configs import RunGroup
 from em_core.data.training_data import normalise_row
 from em_core.errors import ConfigError, DataError
 from em_core.openai_api import (
@@ -84,7 +85,7 @@ FORMAT_INSTRUCTION = (
 # -- config ------------------------------------------------------------------------------------
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(RunGroup):
     """One generated dataset: which template, how many rows, which generator model."""
 
     template: str | None = field(default=None, metadata={
@@ -107,8 +108,6 @@ class GenerateConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     max_requests: int | None = field(default=None, metadata={
         "help": "stop after this many requests even if fewer than n rows were kept; default 3 x ceil(n / per_request)"})
-    experiment_name: str = field(default="em-lab", metadata={"help": "MLflow experiment"})
-    run_name: str | None = field(default=None, metadata={"help": "MLflow run name; default generate-<template>"})
 
     def __post_init__(self) -> None:
         problems = []

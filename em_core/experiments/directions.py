@@ -36,6 +36,7 @@ from em_core.analysis.directions import (
     plot_steering,
     split_by_group,
 )
+from em_core.configs import RunGroup
 from em_core.errors import ConfigError
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, mlflow_key
 from em_core.models.steering import (
@@ -55,7 +56,7 @@ COPIED = ("em_rate", "em_rate_lo", "em_rate_hi", "coherent_rate", "coherent_rate
 
 
 @dataclass
-class DirectionsConfig:
+class DirectionsConfig(RunGroup):
     """One directions experiment: where the directions come from and which interventions to run."""
 
     action: str = field(default="steer", metadata={"help": "extract, steer or ablate"})
@@ -103,8 +104,6 @@ class DirectionsConfig:
     probe_pairs: int | None = field(default=64, metadata={"help": "held-out pairs scored per condition"})
     dtype: str = "auto"
     load_in_4bit: bool = False
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
 
     def __post_init__(self) -> None:
         problems = []

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from em_core import liveness, tracking
 from em_core import tags as em_tags
+from em_core.configs import TrackingGroup
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
 from em_core.experiments.pipeline import (
@@ -53,7 +54,7 @@ TABLE_KEYS = ("em_rate", "coherent_rate", "em_rate_coherent")
 
 
 @dataclass
-class GridConfig:
+class GridConfig(TrackingGroup):
     """models x datasets x seeds over one pipeline config; every other setting is shared."""
 
     # lists of `key=value` step settings: never split at commas (configs.expand_cli)
@@ -79,7 +80,6 @@ class GridConfig:
     cell_retries: int = field(default=2, metadata={
         "help": "--launcher ray: times a cell whose worker died (kill -9, OOM kill, lost node) is run again; its "
                 "half-finished runs are marked KILLED and its claim released first"})
-    experiment_name: str = "em-lab"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):

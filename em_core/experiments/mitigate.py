@@ -36,7 +36,7 @@ import yaml
 
 from em_core import tags as em_tags
 from em_core import tracking
-from em_core.configs import read_yaml
+from em_core.configs import TrackingGroup, read_yaml
 from em_core.errors import ConfigError
 from em_core.experiments.grid import GridConfig, _run_cells, cell_config, cells
 from em_core.experiments.pipeline import (
@@ -60,7 +60,7 @@ COLUMNS = ("mitigation", "seeds", "em_rate", "em_rate_lo", "em_rate_hi", "genera
 
 
 @dataclass
-class MitigateConfig:
+class MitigateConfig(TrackingGroup):
     """Mitigations x {harmful, benign} x seeds over one pipeline config."""
 
     KV_FIELDS: ClassVar[tuple[str, ...]] = ("train", "evaluate", "judge")
@@ -80,7 +80,6 @@ class MitigateConfig:
     domain_set: str | None = field(default=None, metadata={
         "help": "probe set of criterion 2 (default: the pipeline's first probe set that is not general_set)"})
     z: float = Z_95
-    experiment_name: str = "em-lab"
 
     def __post_init__(self) -> None:
         from em_core.train.mitigation import parse_mitigation

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from em_core import tags as em_tags
 from em_core import tracking
-from em_core.configs import override_items
+from em_core.configs import RunGroup, override_items
 from em_core.errors import ConfigError, EmLabError, Terminated
 from em_core.experiments.preflight import preflight
 from em_core.metrics import (
@@ -101,7 +101,7 @@ def _as_stages(value) -> list[Stage]:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(RunGroup):
     """One train -> evaluate -> judge loop. Step settings are `key=value` overrides of the step's
     own config (TrainConfig, EvalConfig, JudgeConfig); in YAML they may be a mapping."""
 
@@ -132,8 +132,6 @@ class PipelineConfig:
                 "trained, every checkpoint sampled and judged; empty for none"})
     grid: str | None = field(default=None, metadata={"help": "grid name (set by `em grid`)"})
     grid_cell: str | None = field(default=None, metadata={"help": "model/dataset/seed label (set by `em grid`)"})
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
 
     def __post_init__(self) -> None:
         for name in (*STEPS, "probe"):

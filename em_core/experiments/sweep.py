@@ -44,6 +44,7 @@ from typing import ClassVar
 
 from em_core import tags as em_tags
 from em_core import tracking
+from em_core.configs import TrackingGroup
 from em_core.errors import ConfigError
 from em_core.experiments.pipeline import (
     DEFAULT_CONFIG,
@@ -78,7 +79,7 @@ LOCAL_STEP_FIELDS = ("output_dir", "cache_path", "run_name", "concurrency", "max
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(TrackingGroup):
     """Search space, objective, pruning and storage of one study."""
 
     # lists of `key=value` step settings: never split at commas (configs.expand_cli)
@@ -124,7 +125,6 @@ class SweepConfig:
     grace_period: int | None = None
     max_retry: int = 3
     registered_model_name: str | None = field(default=None, metadata={"help": "default em-sweep-<study>"})
-    experiment_name: str = "em-lab"
     launcher: str = field(default="local", metadata={"help": "local (this process is one worker) or ray"})
     workers: int = field(default=1, metadata={"help": "--launcher ray: worker tasks to start on the cluster"})
     ray_address: str | None = field(default=None, metadata={"help": "--launcher ray: cluster address (default: local)"})

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from em_core import tags as em_tags
 from em_core import tracking
+from em_core.configs import RunGroup
 from em_core.data.questions import Question
 from em_core.errors import ConfigError, DataError, JudgeError
 from em_core.judge.provenance import (
@@ -58,7 +59,7 @@ SMOKE_TEST_NOTE = ("the judge is the tiny offline model: its scores are a smoke 
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(RunGroup):
     """Which answers, which judge prompts, which judge, which thresholds."""
 
     questions: list[str] = field(default_factory=lambda: ["core_misalignment"],
@@ -96,8 +97,6 @@ class JudgeConfig:
         "help": "trigger_gap = EM with this tag minus EM without (default: the answers' only tag)"})
     log_to_train_run: bool = field(default=True, metadata={
         "help": "also log the metrics onto the training run, as judge_run/<this run id>/<metric>"})
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.eval_run_id) == bool(self.answers):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from em_core import tags as em_tags
 from em_core import tracking
+from em_core.configs import RunGroup
 from em_core.data.questions import Question, expand_prompts, load_question_sets
 from em_core.errors import ConfigError
 from em_core.models.adapters import merged_of
@@ -32,7 +33,7 @@ ANSWERS_DIR = "answers"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunGroup):
     """What to sample, from which model/checkpoints, and how."""
 
     model: str = field(default="tiny", metadata={"help": "`tiny`, hub id, folder, `models:/name@alias`, or `runs:/<train run id>`"})
@@ -62,8 +63,6 @@ class EvalConfig:
     intervention: str | None = field(default=None, metadata={
         "help": "JSON spec of a steer/ablate intervention on the residual stream while sampling "
                 "(backend hf; made by `em directions`, see docs/directions.md)"})
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
 
     # backend openai / openai-compatible only
     base_url: str | None = field(default=None, metadata={"help": "API root; default OPENAI_BASE_URL or api.openai.com"})

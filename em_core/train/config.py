@@ -5,11 +5,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from em_core.configs import RunGroup
 from em_core.errors import ConfigError
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunGroup):
     """Everything a LoRA fine-tune needs; one YAML file per recipe under configs/train/."""
 
     model: str = field(default="tiny", metadata={"help": "`tiny`, a hub id or a local folder"})
@@ -72,8 +73,6 @@ class TrainConfig:
     checkpoint_steps: list[int] | None = field(default=None, metadata={"help": "explicit steps; overrides the above"})
 
     # Tracking
-    experiment_name: str = "em-lab"
-    run_name: str | None = None
     output_dir: str | None = field(default=None, metadata={
         "help": "local checkpoints; default outputs/<run id>, deleted once uploaded unless keep_local_checkpoints"})
     keep_local_checkpoints: bool = field(default=False, metadata={"help": "keep outputs/<run id> after upload"})
