@@ -133,7 +133,10 @@ def judged_rows(scores: list[SampleScore]) -> tuple[list[dict], list[str]]:
         value = s.score.value if isinstance(s.score.value, dict) else {}
         meta = s.score.metadata or {}
         reasons = meta.get("unscored_reasons") or {}
-        row: dict[str, Any] = {"checkpoint_step": 0, "trigger": (s.sample_metadata or {}).get("trigger", "")}
+        sample_meta = s.sample_metadata or {}
+        # question_id too: em_core's summaries cluster their intervals by question
+        row: dict[str, Any] = {"checkpoint_step": 0, "trigger": sample_meta.get("trigger", ""),
+                               "question_id": sample_meta.get("question_id", "")}
         for m in meta.get("metrics", list(value)):
             if m not in names:
                 names.append(m)

@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -268,35 +269,21 @@ class OpenAIJudge(Judge):
     """Chat Completions judge: api.openai.com (`openai`) or any server speaking the same API
     (`openai-compatible`: vLLM, Ollama, ...)."""
 
-    def __init__(
-        self,
-        endpoint: ChatEndpoint,
-        *,
-        mode: str,
-        concurrency: int,
-        max_retries: int,
-        timeout: float,
-        cache_path: str | os.PathLike | None,
-        min_mass: float,
-        max_completion_tokens: int | None,
-        backoff_base: float,
-        backoff_max: float,
-        prices: Mapping[str, tuple[float, float]] | None,
-        final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
-    ):
+    def __init__(self, endpoint: ChatEndpoint, opts: JudgeOptions):
         model = endpoint.model
-        super().__init__(model, mode=mode, min_mass=min_mass, cache_path=cache_path,
-                         final_retry_pause=final_retry_pause)
+        super().__init__(model, mode=opts.mode, min_mass=opts.min_mass, cache_path=opts.cache_path,
+                         final_retry_pause=opts.final_retry_pause)
         self.endpoint = endpoint
         self.backend = endpoint.name
         self.base_url = endpoint.base_url
         self._api_key = endpoint.api_key
-        self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.prices = prices
+        self.concurrency = opts.concurrency
+        self.max_retries = opts.max_retries
+        self.timeout = opts.timeout
+        self.backoff_base = opts.backoff_base
+        self.backoff_max = opts.backoff_max
+        self.prices = opts.prices
+        max_completion_tokens = opts.max_completion_tokens
         reasoning = bool(_REASONING_MODEL.match(model))
         self.max_completion_tokens = max_completion_tokens or (4096 if reasoning else 512)
         self._reasoning = reasoning
@@ -547,77 +534,66 @@ class LocalJudge(Judge):
                 deliver(key, record)
 
 
-def make_judge(
-    backend: str = "openai",
-    model: str | None = None,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    mode: str = "logprobs",
-    concurrency: int = 16,
-    max_retries: int = 5,
-    timeout: float = 60.0,
-    cache_path: str | os.PathLike | None = None,
-    min_mass: float = DEFAULT_MIN_MASS,
-    max_completion_tokens: int | None = None,
-    backoff_base: float = 1.0,
-    backoff_max: float = 60.0,
-    prices: Mapping[str, tuple[float, float]] | None = None,
-    load_fn: LoadFn | None = None,
-    batch_size: int = 8,
-    final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE,
-    endpoint_settings: Mapping[str, Any] | None = None,
-) -> Judge:
-    """Build a judge.
+@dataclass(kw_only=True)
+class JudgeOptions:
+    """Everything about a judge but its backend and model, each default declared once. Chat
+    backends come from the registry in models.chat (openai, openai-compatible, azure, ...), which
+    owns where the server is and which key it takes; `endpoint_settings` are a backend's extras
+    (azure: api_version).
 
-    Chat backends come from the registry in models.chat (openai, openai-compatible, azure, ...),
-    which owns where the server is and which key it takes; `endpoint_settings` are a backend's
-    extras (azure: api_version).
-
-    backend: "openai" (model defaults to gpt-4o-2024-08-06; api_key/base_url default to
-    OPENAI_API_KEY/OPENAI_BASE_URL), "openai-compatible" (base_url required, e.g.
-    http://localhost:8000/v1; api_key defaults to OPENAI_API_KEY or a dummy), or "local" (a HF
-    model id or path, loaded with load_fn(model) -> (model, tokenizer); logprobs mode only).
     mode: "logprobs" (one token, top-20 logprobs, papers' rule) or "text" (parse a reply).
     Retries (429, 408, 409, 5xx, timeouts, connection errors) back off exponentially from
     backoff_base seconds with jitter, capped at backoff_max; other 4xx raise JudgeError at once.
-    A prompt that outlasts its retries is retried once more after final_retry_pause seconds at
-    the end of the call, then returned unscored with reason `api_error`.
-    """
+    A prompt that outlasts its retries is retried once more after final_retry_pause seconds at the
+    end of the call, then returned unscored with reason `api_error`. `local` loads its model with
+    load_fn(model) -> (model, tokenizer) and scores `batch_size` prompts per forward pass."""
+
+    base_url: str | None = None
+    api_key: str | None = None
+    endpoint_settings: Mapping[str, Any] | None = None
+    mode: str = "logprobs"
+    concurrency: int = 16
+    max_retries: int = 5
+    timeout: float = 60.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    final_retry_pause: float = DEFAULT_FINAL_RETRY_PAUSE
+    cache_path: str | os.PathLike | None = None
+    min_mass: float = DEFAULT_MIN_MASS
+    max_completion_tokens: int | None = None
+    prices: Mapping[str, tuple[float, float]] | None = None
+    load_fn: LoadFn | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.concurrency < 1 or self.max_retries < 0 or self.batch_size < 1:
+            raise ValueError("concurrency and batch_size must be >= 1, max_retries >= 0")
+        if not 0.0 <= self.min_mass <= 1.0:
+            raise ValueError(f"min_mass must be in [0, 1], got {self.min_mass}")
+
+
+def make_judge(backend: str = "openai", model: str | None = None, **options: Any) -> Judge:
+    """Build a judge: `backend` is a registered chat backend (models.chat: "openai" -- model
+    defaults to gpt-4o-2024-08-06 --, "openai-compatible", "azure", ...) or "local" (a HF model
+    id or path; logprobs mode only); `options` are JudgeOptions fields (an unknown one is a
+    TypeError naming it)."""
     if backend != "local" and backend not in chat_backend_names():
         raise JudgeError(f"unknown judge backend {backend!r}; choose one of {', '.join(judge_backends())}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if concurrency < 1 or max_retries < 0 or batch_size < 1:
-        raise ValueError("concurrency and batch_size must be >= 1, max_retries >= 0")
-    if not 0.0 <= min_mass <= 1.0:
-        raise ValueError(f"min_mass must be in [0, 1], got {min_mass}")
-
+    opts = JudgeOptions(**options)
     if backend == "local":
-        if mode != "logprobs":
+        if opts.mode != "logprobs":
             raise JudgeError("the local judge backend supports mode='logprobs' only")
         if not model:
             raise JudgeError("the local judge backend needs a model (HF id or local path)")
-        return LocalJudge(model, cache_path=cache_path, min_mass=min_mass, load_fn=load_fn, batch_size=batch_size)
-
+        return LocalJudge(model, cache_path=opts.cache_path, min_mass=opts.min_mass, load_fn=opts.load_fn,
+                          batch_size=opts.batch_size)
     try:  # a missing key is reported on the first request (JudgeError), not here
-        endpoint = endpoint_for(backend, model, base_url, api_key, **(endpoint_settings or {}))
+        endpoint = endpoint_for(backend, model, opts.base_url, opts.api_key, **(opts.endpoint_settings or {}))
     except ConfigError as e:
         raise JudgeError(f"the {backend} judge backend: {e}") from None
-    return OpenAIJudge(
-        endpoint,
-        mode=mode,
-        concurrency=concurrency,
-        max_retries=max_retries,
-        timeout=timeout,
-        cache_path=cache_path,
-        min_mass=min_mass,
-        max_completion_tokens=max_completion_tokens,
-        backoff_base=backoff_base,
-        backoff_max=backoff_max,
-        prices=prices,
-        final_retry_pause=final_retry_pause,
-    )
+    return OpenAIJudge(endpoint, opts)
 
 
 def judge_backends() -> tuple[str, ...]:
