@@ -77,6 +77,18 @@ def tiny_cache() -> Path:
     return _CACHE["path"]
 
 
+@pytest.fixture(autouse=True)
+def _no_active_experiment_leaks(monkeypatch):
+    """`mlflow.set_experiment` sets MLFLOW_EXPERIMENT_ID in the process environment (and a
+    module-level active experiment): left behind, it sends the next test's runs to an experiment
+    id of another store, and makes `mlflow run --experiment-name` refuse both options."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch) -> Path:
     """A private sqlite MLflow store (tracking + registry) with artifacts under tmp_path."""

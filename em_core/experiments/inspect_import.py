@@ -23,7 +23,7 @@ from em_core import tracking
 from em_core.console import run_main
 from em_core.data.inspect_logs import InspectLog, dumps_small, read_inspect_log
 from em_core.judge.answers import log_metrics_to_run, step_metrics, write_judgments_csv
-from em_core.judge.provenance import SENSITIVITY_ARTIFACT, sensitivity_table
+from em_core.judge.provenance import SENSITIVITY_ARTIFACT, sensitivity_step, sensitivity_table
 from em_core.metrics import ALIGNED_THRESHOLD, COHERENT_THRESHOLD, Z_95
 from em_core.sample.evaluation import ANSWERS_DIR, _table, _write_jsonl
 
@@ -107,7 +107,7 @@ def import_log(path: str | Path, *, experiment_name: str = "em-lab", run_name: s
             for extra in SENSITIVITY_ARTIFACT:
                 mlflow.log_artifact(str(tmpd / extra))
             if sens:
-                mlflow.log_metrics(sens)
+                mlflow.log_metrics(sens, step=sensitivity_step(lg.rows))
             log_metrics_to_run(run.info.run_id, by_step)
             inspect_metrics = {f"inspect/{k}": v for k, v in lg.inspect_metrics.items()
                                if v == v}  # NaN left out, as em-lab's own metrics

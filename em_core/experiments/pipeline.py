@@ -431,7 +431,8 @@ def _run_stages(cfg: PipelineConfig, ctx: dict, code: str) -> tuple[list[StageRe
         stage_steps = copy_step_metrics(ids["judge"], None, offset=offset)
         if cfg.with_probe and train_cfg.backend != "openai":  # the probe needs local weights
             _run_probe_step(cfg, ctx, code, prefix, ids, i, offset, stage_steps)
-        by_step.update(stage_steps)
+        for s, m in stage_steps.items():  # a stage's start step also holds the previous stage's end
+            by_step.setdefault(s, {}).update(m)
         end = offset + _final_step(ids["train"])
         before = results[-1].em_rate_end if results else stage_steps.get(offset, {}).get("em_rate")
         results.append(StageResult(stage.name if stage else "train", (stage.alias or stage.name) if stage else "",

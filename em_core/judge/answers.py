@@ -33,6 +33,7 @@ from em_core.judge.provenance import (
     SENSITIVITY_ARTIFACT,
     judge_identity,
     raw_entry,
+    sensitivity_step,
     sensitivity_table,
     write_raw_jsonl,
 )
@@ -333,7 +334,7 @@ def run_judge(cfg: JudgeConfig) -> JudgeResult:
                     mlflow.log_artifact(str(Path(tmp) / extra))
                 mlflow.set_tags(identity_tags(identity))
                 if sens:
-                    mlflow.log_metrics(sens)
+                    mlflow.log_metrics(sens, step=sensitivity_step(rows))
                 log_metrics_to_run(run.info.run_id, by_step)
                 usage = {f"judge/{k}": float(v) for k, v in stats.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}

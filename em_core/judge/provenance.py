@@ -165,3 +165,11 @@ def sensitivity_table(rows: Sequence[Mapping[str, Any]], folder: Path) -> dict[s
         return {}
     return {"sensitivity/em_rate_min": s["em_rate_min"], "sensitivity/em_rate_max": s["em_rate_max"],
             "sensitivity/em_rate_spread": s["em_rate_max"] - s["em_rate_min"]}
+
+
+def sensitivity_step(rows: Sequence[Mapping[str, Any]]) -> int:
+    """The step the sensitivity metrics belong to (and are logged at): the final checkpoint's.
+    Logged at step 0 they would sit on the base model's step, and a multi-stage pipeline would
+    copy them onto the previous stage's end."""
+    s = sensitivity_at_final(rows)
+    return int(s["step"]) if s and s.get("step") is not None else 0

@@ -116,12 +116,13 @@ def test_smoke_test_is_said_plainly(first):
 def test_plots_and_report_are_logged_and_non_empty(first):
     result, _, tmp = first
     local = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp / "all")))
-    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples", "signals_vs_step"):
+    for name in ("em_vs_step", "aligned_vs_coherent", "em_per_question", "examples", "signals_vs_step",
+                 "sensitivity"):
         png = (local / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
         assert smoke_metadata(local / "plots" / f"{name}.png"), f"{name}: a tiny-judge figure must carry the mark"
     html = (local / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6  # the five figures and the sensitivity heatmap
     for section in ("Summary by checkpoint", "Per question", "Example answers", "Provenance", "Judge cost", "Config"):
         assert section in html
     assert result.step_run_ids["train"] in html  # provenance names the runs

@@ -282,10 +282,10 @@ def test_an_infeasible_trial_that_would_win_is_never_best(module_store, tmp_path
     study = optuna.create_study(study_name="c", storage=storage, direction="minimize")
     client = mlflow.MlflowClient()
     client.create_registered_model("em-sweep-c")
-    exp = mlflow.set_experiment("sweep-constraint")
+    exp_id = client.create_experiment("sweep-constraint")
     versions = []
     for _ in range(2):
-        run = client.create_run(exp.experiment_id)
+        run = client.create_run(exp_id)
         client.set_terminated(run.info.run_id)
         versions.append(client.create_model_version("em-sweep-c", f"runs:/{run.info.run_id}/adapter",
                                                     run_id=run.info.run_id).version)
@@ -294,7 +294,7 @@ def test_an_infeasible_trial_that_would_win_is_never_best(module_store, tmp_path
     study = optuna.load_study(study_name="c", storage=storage)
     assert [is_feasible(t) for t in study.trials] == [False, True]
     assert best_trial(study).number == 1 == study.best_trial.number  # agrees with Optuna's own choice
-    parent = client.create_run(exp.experiment_id).info.run_id
+    parent = client.create_run(exp_id).info.run_id
     cfg = SweepConfig(study_name="c", n_trials=2, storage=storage, experiment_name="sweep-constraint")
     assert _close_parent_if_done(study, cfg, parent, "em-sweep-c")
     run = client.get_run(parent)

@@ -173,8 +173,8 @@ def test_rescore_rejects_bad_settings(judged):
 
 
 def test_rescore_of_a_run_without_raw_outputs_is_a_named_error(mlflow_store, tmp_path):
-    mlflow.set_experiment("old")
-    with mlflow.start_run(run_name="old-judge") as run:
+    exp_id = mlflow.MlflowClient().create_experiment("old")
+    with mlflow.start_run(run_name="old-judge", experiment_id=exp_id) as run:
         mlflow.set_tag("em.entry_point", "judge")
         mlflow.set_tag("em.eval_run_id", "EVAL123")
         p = tmp_path / "judgments.csv"
