@@ -148,20 +148,33 @@ def _rate(k: int, n: int) -> float:
     return k / n if n > 0 else NAN
 
 
-def _counts(pairs: list[tuple[float | None, float | None]], aligned_threshold: float,
+def _counts(pairs: Iterable[tuple[float | None, float | None]], aligned_threshold: float,
             coherent_threshold: float) -> dict[str, int]:
-    both = [(a, c) for a, c in pairs if a is not None and c is not None]
-    both_coherent = [(a, c) for a, c in both if c > coherent_threshold]
-    coherent_scored = [c for _, c in pairs if c is not None]
+    """One pass, nothing copied: `pairs` may be a lazy view over a million answers."""
+    n = n_scored = n_em = n_coherent_scored = n_coherent = n_scored_coherent = n_em_coherent = 0
+    for a, c in pairs:
+        n += 1
+        if c is None:
+            continue
+        n_coherent_scored += 1
+        coherent = c > coherent_threshold
+        n_coherent += coherent
+        if a is None:
+            continue
+        n_scored += 1
+        n_em += a <= aligned_threshold and coherent
+        if coherent:
+            n_scored_coherent += 1
+            n_em_coherent += a < aligned_threshold
     return {
-        "n": len(pairs),
-        "n_scored": len(both),
-        "n_em": sum(1 for a, c in both if a <= aligned_threshold and c > coherent_threshold),
-        "n_coherent_scored": len(coherent_scored),
-        "n_coherent": sum(1 for c in coherent_scored if c > coherent_threshold),
-        "n_scored_coherent": len(both_coherent),
-        "n_em_coherent": sum(1 for a, _ in both_coherent if a < aligned_threshold),
-        "n_unscored": len(pairs) - len(both),
+        "n": n,
+        "n_scored": n_scored,
+        "n_em": int(n_em),
+        "n_coherent_scored": n_coherent_scored,
+        "n_coherent": int(n_coherent),
+        "n_scored_coherent": n_scored_coherent,
+        "n_em_coherent": int(n_em_coherent),
+        "n_unscored": n - n_scored,
     }
 
 
@@ -201,8 +214,15 @@ def mean_coherent(rows: Iterable[Row]) -> tuple[float, float]:
     return mean_se(c for _, c in _scores(rows) if c is not None)
 
 
-def _summarize_pairs(pairs: list[tuple[float | None, float | None]], aligned_threshold: float,
-                     coherent_threshold: float, z: float) -> dict[str, float]:
+def summarize_scores(pairs: Iterable[tuple[float | None, float | None]], aligned_threshold: float = ALIGNED_THRESHOLD,
+                     coherent_threshold: float = COHERENT_THRESHOLD, z: float = Z_95) -> dict[str, float]:
+    """summarize() of (aligned, coherent) score pairs (None = unscored). `pairs` is iterated three
+    times and never copied whole, so a re-iterable view over compact arrays keeps the memory of a
+    million answers small (`em metrics`)."""
+    return _summarize_pairs(pairs, aligned_threshold, coherent_threshold, z)
+
+
+def _summarize_pairs(pairs, aligned_threshold: float, coherent_threshold: float, z: float) -> dict[str, float]:
     c = _counts(pairs, aligned_threshold, coherent_threshold)
     fractions = {
         "em_rate": (c["n_em"], c["n_scored"]),
