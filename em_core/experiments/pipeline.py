@@ -3,7 +3,8 @@
 Each step is a child run of the pipeline run; steps hand each other run ids (train run id to
 evaluate, evaluate run id to judge), never shared state. A step is reused instead of rerun when a
 FINISHED run of that step exists in the experiment whose `step.*` params -- its resolved config,
-its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's.
+its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's
+(found by their hash, the tag `em.identity_sha256`, in one query: `find_reusable`).
 
 The parent run gets the judge's per-checkpoint metrics at step = training step (base model at 0),
 `em_emergence_step` (see `metrics.emergence_step`), plots, `summary.json` and the HTML report.
