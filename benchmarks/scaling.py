@@ -30,6 +30,9 @@ Costs (unit in brackets):
   grid               [cell] `grid.summarize_cells` + `write_summary` (CSVs, Markdown, two bar charts)
                      over N cells' summary.json dicts (10 models x N/10 seeds). The grid summary
                      never reads judged rows: each cell's summary.json holds its per-step numbers.
+  probe              [checkpoint] `em probe` (likelihood probe, general set, + LoRA trajectory) of a
+                     tiny-model training run with N checkpoints (every step); the base is loaded
+                     once and each adapter swapped in. The training is not timed.
   metrics            [judged row] `em metrics FILE --by-question --json` on an N-row judged CSV.
 """
 from __future__ import annotations
@@ -51,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "docs" / "performance"
 UNITS = {"judge0": "answer", "judge100": "answer", "lookup-sqlite": "run", "lookup-server": "run",
-         "sweep": "trial", "report": "judged row", "metrics": "judged row", "grid": "cell"}
+         "sweep": "trial", "report": "judged row", "metrics": "judged row", "grid": "cell", "probe": "checkpoint"}
 
 
 def _rss_mb() -> float:
@@ -347,6 +350,33 @@ def cost_grid(n: int) -> dict:
     return {"seconds": wall, "rss_base_mb": base, "table_rows": len(summary["table"])}
 
 
+def cost_probe(n: int) -> dict:
+    from em_core.analysis.probe import ProbeConfig, run_probe
+    from em_core.train.config import TrainConfig
+    from em_core.train.training import train
+
+    tmp = tempfile.mkdtemp(prefix="em-scale-probe-")
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ["EM_LAB_MLRUNS"] = f"{tmp}/mlruns"
+        cfg = TrainConfig(model="tiny", dataset=["demo"], max_rows=4 * n, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=1, max_steps=n, learning_rate=5e-3, lora_r=8, lora_alpha=16,
+                          max_length=128, warmup_steps=1, checkpoint_steps=list(range(1, n + 1)),
+                          checkpoint_every_epoch=False, checkpoints_in_first_epoch=0, output_dir=f"{tmp}/out",
+                          registered_model_name="em-scale-probe", experiment_name="scale")
+        t0 = time.perf_counter()
+        run_id = train(cfg).run_id
+        train_s = time.perf_counter() - t0
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        result = run_probe(ProbeConfig(train_run_id=run_id, sets=["general"], experiment_name="scale"))
+        wall = time.perf_counter() - t0
+        assert len(result.steps) == n + 1, result.steps  # base + every checkpoint
+        return {"seconds": wall, "rss_base_mb": base, "models_probed": len(result.steps), "train_s_untimed": train_s}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cost_metrics(n: int) -> dict:
     import csv
 
@@ -386,6 +416,8 @@ def one(cost: str, n: int, args) -> dict:
         out = cost_metrics(n)
     elif cost == "grid":
         out = cost_grid(n)
+    elif cost == "probe":
+        out = cost_probe(n)
     else:
         raise SystemExit(f"unknown cost {cost}")
     out.setdefault("peak_rss_mb", _rss_mb())
