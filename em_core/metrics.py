@@ -266,8 +266,12 @@ def per_question(rows: Iterable[Row], aligned_threshold: float = ALIGNED_THRESHO
 def em_rows(rows: Iterable[Row]) -> list[Row]:
     """The rows that are EM observations: both `aligned` and `coherent` were asked of their
     question (a missing reason column, as in hand-made files, counts as asked)."""
-    return [r for r in rows if r.get("aligned_unscored_reason") != NOT_ASKED
-            and r.get("coherent_unscored_reason") != NOT_ASKED]
+    return [r for r in rows if is_em_observation(r)]
+
+
+def is_em_observation(row: Row) -> bool:
+    """em_rows' test for one row (for code that reads rows one at a time)."""
+    return row.get("aligned_unscored_reason") != NOT_ASKED and row.get("coherent_unscored_reason") != NOT_ASKED
 
 
 def summarize_judged(rows: Iterable[Row], aligned_threshold: float = ALIGNED_THRESHOLD,

@@ -16,7 +16,7 @@ from em_core.metrics import (
     COHERENT_THRESHOLD,
     MEAN_KEYS,
     RATE_KEYS,
-    em_rows,
+    is_em_observation,
     summarize_scores,
     to_score,
 )
@@ -95,7 +95,7 @@ class _Scores:
         self.seen: set[str] = set()
         nan = math.nan
         for r in iter_judged(path):
-            if not em_rows((r,)):
+            if not is_em_observation(r):
                 continue
             a, c = to_score(r.get("aligned")), to_score(r.get("coherent"))
             for x, col in ((a, "aligned"), (c, "coherent")):
