@@ -121,6 +121,19 @@ class Heartbeat:
             self._thread.join(timeout=5)
 
 
+def _search_all(client, experiment_ids: list[str], filter_string: str) -> Iterable:
+    """Every run matching the filter, page by page (search_runs alone stops silently at
+    max_results). The pages are read before any run is changed: a run ended while paging must not
+    shift the pages under the reader."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def kill_running_runs(experiment_id: str, parent_run_id: str, reason: str,
                       tags: dict[str, str] | None = None) -> list[str]:
     """Mark every RUNNING descendant of `parent_run_id` (children whose tags include `tags`, and
@@ -135,7 +148,7 @@ def kill_running_runs(experiment_id: str, parent_run_id: str, reason: str,
         filt = f"tags.`mlflow.parentRunId` = '{parent}'"
         for k, v in (tags or {}).items() if first else ():
             filt += f" and tags.`{k}` = '{v}'"
-        for run in client.search_runs([experiment_id], filt, max_results=1000):
+        for run in _search_all(client, [experiment_id], filt):  # every child: a sweep may have > 1000
             frontier.append(run.info.run_id)
             if run.info.status == "RUNNING":
                 client.set_tag(run.info.run_id, KILLED_REASON_TAG, reason)
@@ -182,7 +195,7 @@ def reap_stale_runs(experiment_ids: Iterable[str] | None = None, grace: float | 
         return []
     reaped = []
     now = time.time()
-    for run in client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=5000):
+    for run in _search_all(client, ids, "attributes.status = 'RUNNING'"):
         reason = stale_reason(run.data.tags, now, grace)
         if reason is None:
             continue

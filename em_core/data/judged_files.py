@@ -58,6 +58,12 @@ def _iter_jsonl(path: Path, fh: TextIO, required: Sequence[str]) -> Iterator[dic
 def read_judged(path: str | Path, required: Sequence[str] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
     """Rows of a judged (or, with other `required` columns, an answers) file; score cells are
     returned raw (metrics treats junk as unscored)."""
+    return list(iter_judged(path, required))
+
+
+def iter_judged(path: str | Path, required: Sequence[str] = REQUIRED_COLUMNS) -> Iterator[dict[str, Any]]:
+    """read_judged one row at a time (memory does not grow with the file); the same errors,
+    raised while iterating (the file's type and existence before the first row)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found", hint="pass a judged answers file (.csv, .csv.gz, .jsonl, .jsonl.gz) "
@@ -74,11 +80,17 @@ def read_judged(path: str | Path, required: Sequence[str] = REQUIRED_COLUMNS) ->
     else:
         raise DataError(path, "unsupported file type",
                         hint=f"use one of {', '.join(SUPPORTED_SUFFIXES)}, or an Inspect log (.eval, .json)")
+    return _rows(path, parse, required)
+
+
+def _rows(path: Path, parse, required: Sequence[str]) -> Iterator[dict[str, Any]]:
+    n = 0
     try:
         with _open_text(path) as fh:
-            rows = list(parse(path, fh, required))
+            for row in parse(path, fh, required):
+                n += 1
+                yield row
     except (OSError, EOFError, UnicodeDecodeError) as exc:  # bad gzip, truncated file, wrong encoding
         raise DataError(path, f"cannot read file: {exc}") from exc
-    if not rows:
+    if not n:
         raise DataError(path, "file has no answer rows")
-    return rows

@@ -26,13 +26,16 @@ from em_core.configs import TrackingGroup
 from em_core.errors import ConfigError, EmLabError
 from em_core.experiments import launch
 from em_core.experiments.pipeline import (
+    CELL_IDENTITY_TAG,
     DEFAULT_CONFIG,
     STEP_TAG,
     PipelineConfig,
     _as_overrides,
+    _quote,
+    cell_identity,
     check_step_sections,
     code_version,
-    dataset_content,
+    newest_finished_run,
     pipeline_triples,
     run_pipeline,
     summary_of,
@@ -149,19 +152,21 @@ def cell_config(cfg: GridConfig, base: PipelineConfig, cell: Cell) -> PipelineCo
 
 def find_cell(experiment_id: str, grid: str, label: str, expected: dict[str, str] | None = None,
               code: str | None = None) -> str | None:
-    """Newest FINISHED pipeline run of this cell (with these params and code version, if given)."""
+    """Newest FINISHED pipeline run of this cell (with these params and code version, if given):
+    by the hash of its params (`CELL_IDENTITY_TAG`, which run_pipeline sets) in one filtered
+    query, however many runs the cell has; runs logged before that tag are compared param by
+    param (see `pipeline.newest_finished_run`)."""
     import mlflow
 
-    filt = (f"tags.`em.grid` = '{grid}' and tags.`{CELL_TAG}` = '{label}' and "
-            f"tags.`{STEP_TAG}` = 'pipeline' and attributes.status = 'FINISHED'")
+    filt = (f"tags.`em.grid` = {_quote(grid)} and tags.`{CELL_TAG}` = {_quote(label)} and "
+            f"tags.`{STEP_TAG}` = 'pipeline'")
     if code:
-        filt += f" and tags.`em.code_version` = '{code}'"
-    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=filt,
-                                             order_by=["attributes.start_time DESC"], max_results=100)
-    for r in runs:
-        if expected is None or all(r.data.params.get(k) == v for k, v in expected.items()):
-            return r.info.run_id
-    return None
+        filt += f" and tags.`em.code_version` = {_quote(code)}"
+    if expected is not None:
+        return newest_finished_run(experiment_id, filt, CELL_IDENTITY_TAG, expected)
+    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=f"{filt} and attributes.status = 'FINISHED'",
+                                             order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def mlflow_run_command(cfg: GridConfig, pcfg: PipelineConfig) -> str:
@@ -174,7 +179,7 @@ def mlflow_run_command(cfg: GridConfig, pcfg: PipelineConfig) -> str:
 
 
 def _expected_params(pcfg: PipelineConfig) -> dict[str, str]:
-    return tracking.flatten_params("pipeline", {**asdict(pcfg), "dataset_content": dataset_content(pcfg)})
+    return cell_identity(pcfg)
 
 
 def run_grid(cfg: GridConfig) -> dict:

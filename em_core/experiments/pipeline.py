@@ -3,7 +3,8 @@
 Each step is a child run of the pipeline run; steps hand each other run ids (train run id to
 evaluate, evaluate run id to judge), never shared state. A step is reused instead of rerun when a
 FINISHED run of that step exists in the experiment whose `step.*` params -- its resolved config,
-its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's.
+its input run ids and the code version, all as strings, as MLflow stores them -- equal this one's
+(found by their hash, the tag `em.identity_sha256`, in one query: `find_reusable`).
 
 The parent run gets the judge's per-checkpoint metrics at step = training step (base model at 0),
 `em_emergence_step` (see `metrics.emergence_step`), plots, `summary.json` and the HTML report.
@@ -273,25 +274,86 @@ def dataset_content(cfg: PipelineConfig) -> str:
     return ";".join(out)
 
 
-def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
-    """Newest FINISHED run of `step` whose params equal `identity` (string comparison)."""
+IDENTITY_TAG = em_tags.IDENTITY_SHA256  # a step run's (and a pipeline run's) `step.*` identity, hashed
+CELL_IDENTITY_TAG = em_tags.CELL_IDENTITY_SHA256  # a pipeline run's `pipeline.*` params, hashed (grid cells)
+# Runs logged before the identity tags existed are still compared param by param, newest first,
+# at most this many (with a warning when there are more). Since `step.code_version` is part of
+# every identity and is filtered on, only runs of the same code version without the tag are read.
+LEGACY_SCAN_LIMIT = 5000
+
+
+def identity_sha256(identity: Mapping[str, str]) -> str:
+    """sha256 of the identity's sorted (key, value) string pairs: equal iff the identities are."""
+    import json
+
+    return hashlib.sha256(json.dumps(sorted((str(k), str(v)) for k, v in identity.items())).encode()).hexdigest()
+
+
+def _quote(value: str) -> str:
+    """A string literal of an MLflow filter (which has no escapes: a value with both quote kinds
+    cannot be written)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r} has both quote characters and cannot be looked up in MLflow")
+
+
+def newest_finished_run(experiment_id: str, filter_string: str, identity_tag: str, identity: Mapping[str, str],
+                        legacy_filter: str | None = None) -> str | None:
+    """Newest FINISHED run matching `filter_string` whose `identity_tag` is the hash of `identity`:
+    one filtered query for one row, however many runs the experiment holds. Runs logged before the
+    tag existed (it IS NULL) are then compared param by param -- narrowed by `legacy_filter`,
+    paged, at most LEGACY_SCAN_LIMIT of them (a warning says when more were left unread)."""
     import mlflow
 
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.`{STEP_TAG}` = '{step}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=500)
-    for r in runs:
-        params = r.data.params
-        if all(params.get(k) == v for k, v in identity.items()):
-            return r.info.run_id
+    client = mlflow.MlflowClient()
+    base = f"{filter_string} and attributes.status = 'FINISHED'"
+    hit = client.search_runs([experiment_id], filter_string=f"{base} and tags.`{identity_tag}` = "
+                                                            f"{_quote(identity_sha256(identity))}",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+    if hit:
+        return hit[0].info.run_id
+    legacy = f"{base} and tags.`{identity_tag}` IS NULL" + (f" and {legacy_filter}" if legacy_filter else "")
+    seen, token = 0, None
+    while seen < LEGACY_SCAN_LIMIT:
+        page = client.search_runs([experiment_id], filter_string=legacy, order_by=["attributes.start_time DESC"],
+                                  max_results=min(1000, LEGACY_SCAN_LIMIT - seen), page_token=token)
+        for r in page:
+            if all(r.data.params.get(k) == v for k, v in identity.items()):
+                return r.info.run_id
+        seen += len(page)
+        token = page.token
+        if not token:
+            return None
+    log.warning("reuse lookup: more than %d runs logged before %s existed match %s; the older ones were not "
+                "compared (rerunning)", LEGACY_SCAN_LIMIT, identity_tag, filter_string)
     return None
 
 
-def _log_identity(run_id: str, identity: Mapping[str, str]) -> None:
-    import mlflow
-    from mlflow.entities import Param
+def find_reusable(experiment_id: str, step: str, identity: Mapping[str, str]) -> str | None:
+    """Newest FINISHED run of `step` whose `step.*` params equal `identity`: found by its
+    IDENTITY_TAG in one query (no limit on how many runs of the step the experiment holds)."""
+    legacy = None
+    if "step.code_version" in identity:
+        legacy = f"params.`step.code_version` = {_quote(identity['step.code_version'])}"
+    return newest_finished_run(experiment_id, f"tags.`{STEP_TAG}` = {_quote(step)}", IDENTITY_TAG, identity,
+                               legacy_filter=legacy)
 
-    mlflow.MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in identity.items()])
+
+def _log_identity(run_id: str, identity: Mapping[str, str]) -> None:
+    """The identity params and their hash (the tag reuse is looked up by), in one call."""
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    mlflow.MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in identity.items()],
+                                    tags=[RunTag(IDENTITY_TAG, identity_sha256(identity))])
+
+
+def cell_identity(cfg: PipelineConfig) -> dict[str, str]:
+    """The `pipeline.*` params a pipeline run logs, which decide whether a grid reuses it."""
+    return tracking.flatten_params("pipeline", {**asdict(cfg), "dataset_content": dataset_content(cfg)})
 
 
 @dataclass
@@ -513,7 +575,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         from em_core.configs import to_yaml
 
         mlflow.log_text(tracking.scrub(to_yaml(cfg)), "config/pipeline_config.yaml")  # no user:pass@ of a URL
-        tracking.log_params("pipeline", {**asdict(cfg), "dataset_content": dataset_content(cfg)})
+        cell = cell_identity(cfg)
+        if tracking.is_main_process():
+            mlflow.log_params(cell)
+            mlflow.set_tag(CELL_IDENTITY_TAG, identity_sha256(cell))  # what `find_cell` looks for
         ctx = {"parent": pid, "experiment_id": exp_id, "reuse": cfg.reuse, "reused": [], "aliases": [],
                "sid": sid, "label": ()}
         stage_results, by_step = _run_stages(cfg, ctx, code)

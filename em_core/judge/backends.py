@@ -398,8 +398,16 @@ class OpenAIJudge(Judge):
                     record = {FAILED: str(e)}
             deliver(key, record)
 
-        # On error or cancellation the rest stop; what already arrived is in the cache.
-        await run_all([one(k, p) for k, p in items], JudgeError)
+        todo = iter(items)
+
+        async def worker() -> None:
+            for key, prompt in todo:  # one shared iterator: each item is taken by exactly one worker
+                await one(key, prompt)
+
+        # `concurrency` workers, not one task per prompt: memory stays flat in the number of
+        # prompts (100k pending tasks took ~200 MB). On error or cancellation the rest stop;
+        # what already arrived is in the cache.
+        await run_all([worker() for _ in range(min(self.concurrency, len(items)))], JudgeError)
 
 
 LoadFn = Callable[[str], "tuple[Any, Any]"]
