@@ -17,7 +17,9 @@ from em_core.metrics import (
     COHERENT_THRESHOLD,
     MEAN_KEYS,
     RATE_KEYS,
+    clustered_summary_of_pairs,
     is_em_observation,
+    question_key,
     summarize_scores,
     to_score,
 )
@@ -103,8 +105,7 @@ class _Scores:
             for x, col in ((a, "aligned"), (c, "coherent")):
                 if x is None and len(self.seen) < self.MAX_SEEN:
                     self.seen.add(repr(r.get(col)))
-            qid = r.get("question_id")
-            key = "" if qid is None or (isinstance(qid, float) and math.isnan(qid)) else str(qid)  # as per_question
+            key = question_key(r.get("question_id"))  # as per_question and the clustered intervals
             arrays = self.by_q.get(key)
             if arrays is None:
                 arrays = self.by_q[key] = (array("d"), array("d"))
@@ -112,7 +113,15 @@ class _Scores:
             arrays[1].append(nan if c is None else c)
 
     def overall(self, *thresholds: float) -> dict[str, float]:
-        return summarize_scores(_Pairs(list(self.by_q.values())), *thresholds)
+        out = summarize_scores(_Pairs(list(self.by_q.values())), *thresholds)
+        out.update(clustered_summary_of_pairs(self._triples(), *thresholds))
+        return out
+
+    def _triples(self):
+        """(question id, aligned, coherent) of every answer, None = unscored, one at a time."""
+        for q, (aligned, coherent) in self.by_q.items():
+            for a, c in zip(aligned, coherent):
+                yield q, (None if a != a else a), (None if c != c else c)
 
     def per_question(self, *thresholds: float) -> dict[str, dict[str, float]]:
         return {q: summarize_scores(_Pairs([arrays]), *thresholds) for q, arrays in self.by_q.items()}
