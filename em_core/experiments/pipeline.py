@@ -604,7 +604,8 @@ def _log_stage_metrics(stages: list[StageResult]) -> None:
 def console_summary(result: PipelineResult) -> str:
     """What `em pipeline` prints at the end: the table, where the report is, how to browse."""
     nan = float("nan")
-    lines = [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
+    lines = ["judge (smoke test: the tiny offline judge):"] if result.smoke_test else []
+    lines += [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
     for step, m in result.metrics_by_step.items():
         lines.append(f"{step:>6}  {m.get('em_rate', nan):>7.3f}  "
                      f"[{m.get('em_rate_lo', nan):.3f}, {m.get('em_rate_hi', nan):.3f}]  "
@@ -612,6 +613,7 @@ def console_summary(result: PipelineResult) -> str:
     emerged = result.emergence_step
     lines.append(f"EM emergence step: {emerged}" if emerged is not None
                  else "EM emergence step: none (no checkpoint's EM rate is significantly above the base model's)")
+    lines += _probe_console_lines(result.metrics_by_step)
     lines.append(f"pipeline run: {result.run_id} (reused steps: {','.join(result.reused) or 'none'})")
     if result.aliases:
         lines.append("model: " + ", ".join(result.aliases.values()))
@@ -621,6 +623,41 @@ def console_summary(result: PipelineResult) -> str:
     if result.smoke_test:
         lines.append("note: judged by the tiny offline model; these scores are a smoke test, not a measurement")
     return "\n".join(lines)
+
+
+def probe_margin_sets(by_step: Mapping[int, Mapping[str, float]]) -> list[str]:
+    """Contrast sets with a logged `probe/<set>/margin`, in first-seen order."""
+    out: list[str] = []
+    for m in by_step.values():
+        for k in m:
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "probe" and parts[2] == "margin" and parts[1] not in out:
+                out.append(parts[1])
+    return out
+
+
+def _probe_console_lines(by_step: Mapping[int, Mapping[str, float]]) -> list[str]:
+    """The probe's table (margin per contrast set, +- its standard error, per checkpoint) and its
+    run-level steps: the judge-free measurement, printed beside the judge's table."""
+    sets = probe_margin_sets(by_step)
+    if not sets:
+        return []
+    nan = float("nan")
+    lines = ["likelihood probe (judge-free measurement; margin = mean loglik(misaligned) - loglik(aligned), +- SE):",
+             f"{'step':>6}  " + "  ".join(f"{s + ' margin':>22}" for s in sets)]
+    for step, m in by_step.items():
+        if not any(f"probe/{s}/margin" in m for s in sets):
+            continue
+        cells = [f"{m.get(f'probe/{s}/margin', nan):+.4f} +- {m.get(f'probe/{s}/margin_se', nan):.4f}" for s in sets]
+        lines.append(f"{step:>6}  " + "  ".join(f"{c:>22}" for c in cells))
+    found = _probe_summary(by_step)
+    emerged = found.get("probe_emergence_step")
+    lines.append(f"probe emergence step: {emerged}" if emerged is not None
+                 else "probe emergence step: none (no checkpoint's margin is significantly above the base model's)")
+    turn = found.get("lora_transition_step")
+    if turn is not None:
+        lines.append(f"LoRA transition step (sharpest turn of the adapter's path): {turn}")
+    return lines
 
 
 def summary_of(run_id: str) -> dict:
