@@ -175,6 +175,7 @@ class ProbeResult:
     emergence_step: int | None
     transition_step: int | None
     breadth: float | None = None
+    phase_steps: dict[str, int | None] = field(default_factory=dict)  # lora_local_cos_step_k*, lora_composition_step
 
 
 def _pairs_csv(sets: Sequence[ContrastSet], scores_by_step: Mapping[int, Mapping[str, list]]) -> str:
@@ -192,7 +193,8 @@ def _trajectory_csv(t: Trajectory) -> str:
     rows = trajectory_rows(t)
     buf = io.StringIO()
     if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # phase metrics start later than step 1
+        w = csv.DictWriter(buf, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
@@ -229,7 +231,8 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
         final = max(by_step) if by_step else None
         breadth = by_step.get(final, {}).get("probe/breadth") if final else None
         result = ProbeResult(run.info.run_id if run else None, base, sorted(by_step), by_step,
-                             summary["emergence_step"], traj.transition_step if traj else None, breadth)
+                             summary["emergence_step"], traj.transition_step if traj else None, breadth,
+                             dict(traj.phase_steps) if traj else {})
         if run is not None:
             _log_results(cfg, result, summary, sets, scores, traj)
     return result
@@ -260,7 +263,8 @@ def _log_results(cfg: ProbeConfig, result: ProbeResult, summary: dict, sets, sco
         log_metrics_to_run(cfg.train_run_id, steps)
     log_metrics_to_run(result.run_id, steps)
     mlflow.log_text(_pairs_csv(sets, scores), "probe/logliks.csv")
-    mlflow.log_dict({**summary, "transition_step": result.transition_step, "breadth": result.breadth},
+    mlflow.log_dict({**summary, "transition_step": result.transition_step, "breadth": result.breadth,
+                     "phase_steps": result.phase_steps},
                     "probe/summary.json")
     if traj is not None:
         mlflow.log_text(_trajectory_csv(traj), "lora/trajectory.csv")
@@ -285,5 +289,8 @@ def result_steps(result: ProbeResult) -> dict[int, dict[str, float]]:
         out.setdefault(result.emergence_step, {})["probe_emergence_step"] = result.emergence_step
     if result.transition_step is not None:
         out.setdefault(result.transition_step, {})["lora_transition_step"] = result.transition_step
+    for key, step in result.phase_steps.items():  # the Model Organisms rules, beside em-lab's own
+        if step is not None:
+            out.setdefault(step, {})[key] = step
     return out
 
