@@ -64,6 +64,12 @@ STEP_VALUED_KEYS = ("em_emergence_step", "probe_emergence_step", "lora_transitio
                     "lora_composition_step")
 
 
+def is_step_valued(key: str) -> bool:
+    """A metric whose value is a training step (STEP_VALUED_KEYS, or a direction monitor's
+    `direction/<name>/emergence_step`): shifted with the steps when a stage is placed globally."""
+    return key in STEP_VALUED_KEYS or (key.startswith("direction/") and key.endswith("/emergence_step"))
+
+
 def to_score(value: Any) -> float | None:
     """A judge score as float, or None when unscored (None, NaN, inf, blank, non-numeric, bool)."""
     if value is None or isinstance(value, bool):

@@ -27,11 +27,11 @@ from em_core.metrics import (
     ALIGNED_THRESHOLD,
     COHERENT_THRESHOLD,
     DEFAULT_INTERVAL,
-    STEP_VALUED_KEYS,
     Z_95,
     emergence_intervals,
     emergence_step,
     from_mlflow,
+    is_step_valued,
 )
 from em_core.paths import PROJECT_ROOT, project_file
 
@@ -366,7 +366,7 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tu
     for key in src.data.metrics:
         if key.startswith(skip_prefixes):
             continue
-        shift = offset if key in STEP_VALUED_KEYS else 0
+        shift = offset if is_step_valued(key) else 0
         for m in client.get_metric_history(src_run_id, key):
             named.setdefault(m.step + offset, {})[key] = m.value + shift
     by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in

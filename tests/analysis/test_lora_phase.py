@@ -137,3 +137,29 @@ def test_trajectory_logs_the_phase_metrics_beside_the_transition_step(tmp_path):
     assert metrics[10]["lora/all/composition"] == pytest.approx(direct_composition(path)[10], abs=1e-5)
     layer1 = direct_local_cos(path, 5, ["model.layers.1.mlp.down_proj"])[TURN]
     assert t.modules[TURN]["model.layers.1.mlp.down_proj"]["local_cos_k5"] == pytest.approx(layer1, abs=1e-5)
+
+
+def test_signals_figure_draws_the_phase_metrics_and_their_steps(tmp_path):
+    from em_core.analysis.plots import plot_signals_vs_step
+    from em_core.analysis.probe import ProbeResult, result_steps
+
+    path = planted(range(1, 41))
+    adapters = {}
+    for s, f in path.items():
+        _write_adapter(tmp_path / str(s), f)
+        adapters[s] = tmp_path / str(s)
+    t = trajectory(adapters)
+    metrics = t.metrics_by_step()
+    steps = result_steps(ProbeResult(None, "m", t.steps, metrics, None, t.transition_step, None, t.phase_steps))
+    assert steps[TURN] == {"lora_local_cos_step_k5": TURN, "lora_local_cos_step_k10": TURN,
+                           "lora_local_cos_step_k15": TURN, "lora_composition_step": TURN,
+                           "lora_transition_step": TURN}  # em-lab's own turn rule agrees
+    for s, m in steps.items():
+        metrics.setdefault(s, {}).update(m)
+    png = plot_signals_vs_step(metrics, tmp_path / "s.png")
+    drawn = json.loads(png.with_suffix(".json").read_text())
+    for key in ("lora/all/local_cos_k5", "lora/all/local_cos_k15", "lora/all/composition"):
+        want = [(s, metrics[s][key]) for s in sorted(metrics) if key in metrics[s]]
+        assert [p[0] for p in drawn["curves"][key]] == [s for s, _ in want]
+        assert [p[1] for p in drawn["curves"][key]] == pytest.approx([v for _, v in want])
+    assert drawn["marks"]["lora_local_cos_step_k10"] == [TURN] and drawn["marks"]["lora_composition_step"] == [TURN]
