@@ -27,6 +27,7 @@ from em_core.metrics import (
     ALIGNED_THRESHOLD,
     COHERENT_THRESHOLD,
     DEFAULT_INTERVAL,
+    STEP_VALUED_KEYS,
     Z_95,
     emergence_intervals,
     emergence_step,
@@ -643,21 +644,37 @@ def _probe_console_lines(by_step: Mapping[int, Mapping[str, float]]) -> list[str
     if not sets:
         return []
     nan = float("nan")
+    directions = sorted({k.split("/")[1] for m in by_step.values() for k in m
+                         if k.startswith("direction/") and k.endswith("/projection") and k.count("/") == 2})
     lines = ["likelihood probe (judge-free measurement; margin = mean loglik(misaligned) - loglik(aligned), +- SE):",
-             f"{'step':>6}  " + "  ".join(f"{s + ' margin':>22}" for s in sets)]
+             f"{'step':>6}  " + "  ".join(f"{s + ' margin':>22}" for s in sets)
+             + "".join(f"  {'direction ' + d:>18}" for d in directions)]
     for step, m in by_step.items():
         if not any(f"probe/{s}/margin" in m for s in sets):
             continue
         cells = [f"{m.get(f'probe/{s}/margin', nan):+.4f} +- {m.get(f'probe/{s}/margin_se', nan):.4f}" for s in sets]
-        lines.append(f"{step:>6}  " + "  ".join(f"{c:>22}" for c in cells))
+        lines.append(f"{step:>6}  " + "  ".join(f"{c:>22}" for c in cells)
+                     + "".join(f"  {m.get(f'direction/{d}/projection', nan):>+18.4f}" for d in directions))
     found = _probe_summary(by_step)
     emerged = found.get("probe_emergence_step")
     lines.append(f"probe emergence step: {emerged}" if emerged is not None
                  else "probe emergence step: none (no checkpoint's margin is significantly above the base model's)")
+    for d in directions:
+        step = _first_step_valued(by_step, f"direction/{d}/emergence_step")
+        lines.append(f"direction {d} emergence step: {step if step is not None else 'none'}")
     turn = found.get("lora_transition_step")
     if turn is not None:
         lines.append(f"LoRA transition step (sharpest turn of the adapter's path): {turn}")
+    phase = {k: _first_step_valued(by_step, k) for k in STEP_VALUED_KEYS
+             if k.startswith(("lora_local_cos_step_", "lora_composition_step"))}
+    phase = {k: v for k, v in phase.items() if v is not None}
+    if phase:
+        lines.append("LoRA phase rules (Turner et al.): " + ", ".join(f"{k} {v}" for k, v in phase.items()))
     return lines
+
+
+def _first_step_valued(by_step: Mapping[int, Mapping[str, float]], key: str) -> int | None:
+    return next((int(by_step[s][key]) for s in sorted(by_step) if key in by_step[s]), None)
 
 
 def summary_of(run_id: str) -> dict:

@@ -364,3 +364,22 @@ def test_probe_overrides_keep_their_commas():
     assert cfg.probe == ["sets=general,plant_care", "batch_size=4"]
     probe = probe_config(cfg)
     assert probe.sets == ["general", "plant_care"] and probe.batch_size == 4
+
+
+def test_console_summary_prints_the_direction_monitor_and_phase_rules():
+    """Without running a pipeline: a run whose probe step monitored a direction and found the
+    phase rules' steps prints them beside the margins (values as logged)."""
+    from em_core.experiments.pipeline import PipelineResult, console_summary
+
+    by_step = {0: {"em_rate": 0.0, "probe/general/margin": -0.5, "probe/general/margin_se": 0.1,
+                   "direction/em/projection": 1.25, "direction/em/layer01/projection": 9.0},
+               8: {"em_rate": 0.1, "probe/general/margin": 0.2, "probe/general/margin_se": 0.1,
+                   "direction/em/projection": 2.5, "direction/em/emergence_step": 8,
+                   "lora_composition_step": 8, "lora_local_cos_step_k5ckpt": 8}}
+    text = console_summary(PipelineResult("r", {}, [], by_step, None, True))
+    assert "judge (smoke test" in text and "judge-free measurement" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.strip().startswith(("0 ", "8 "))]
+    assert [r[-1] for r in rows if "+-" in r] == ["+1.2500", "+2.5000"]
+    assert "direction em emergence step: 8" in text
+    assert "lora_local_cos_step_k5ckpt 8" in text and "lora_composition_step 8" in text
+    assert "probe emergence step: none" in text
