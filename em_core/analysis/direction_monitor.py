@@ -109,3 +109,20 @@ def monitor_metrics(proj_by_step: Mapping[int, np.ndarray], name: str, layer: in
                "rule": "paired: mean(x_i(step) - x_i(base)) - z * se > 0, se clustered by question"
                        if clusters is not None else "paired: mean(x_i(step) - x_i(base)) - z * se > 0"}
     return out, summary
+
+
+# --------------------------------------------------------------------------- compare across runs
+def cosine_matrices(directions: Sequence[Directions]) -> np.ndarray:
+    """[layers, n, n]: the cosine between each pair of directions at each layer (signed: a
+    direction extracted as misaligned - aligned has a meaning of sign). NaN where a vector is 0."""
+    if not directions:
+        raise ConfigError("compare needs at least one set of directions")
+    shapes = {tuple(d.vectors.shape) for d in directions}
+    if len(shapes) != 1:
+        raise ConfigError(f"directions of different shapes {sorted(shapes)} [layers, hidden]: extracted from "
+                          "different base models cannot be compared layer by layer")
+    v = np.stack([np.asarray(d.vectors.detach().float().cpu().numpy(), dtype=np.float64) for d in directions])
+    n = np.linalg.norm(v, axis=-1)  # [runs, layers]
+    dots = np.einsum("ilh,jlh->lij", v, v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return dots / (n.T[:, :, None] * n.T[:, None, :])

@@ -947,3 +947,33 @@ def plot_mitigation_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | Path
                  "points": {n: {"x": x[i], "x_lo": xlo[i], "x_hi": xhi[i], "y": y[i], "y_lo": ylo[i], "y_hi": yhi[i]}
                             for i, n in enumerate(names)}}
         return _save(fig, path, smoke_test=smoke_test, drawn=drawn)
+
+
+# --------------------------------------------------------------------------- directions compare
+def plot_direction_cosines(cos: np.ndarray, labels: Sequence[str], path: str | Path, *, layers: Sequence[int] | None = None,
+                           title: str = "") -> Path:
+    """Heatmaps of the cosine between directions from different runs, one panel per layer
+    (`cos` [layers, n, n], directions_monitor.cosine_matrices); `layers` picks panels (default all)."""
+    cos = np.asarray(cos, dtype=float)
+    shown = list(layers) if layers is not None else list(range(cos.shape[0]))
+    cols = min(4, max(1, len(shown)))
+    rows = math.ceil(len(shown) / cols) if shown else 1
+    drawn: dict[str, Any] = {"labels": list(labels), "layers": shown,
+                             "cosine": {f"layer{l:02d}": cos[l].tolist() for l in shown}}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False, layout="constrained")
+        im = None
+        for ax, l in zip(axes.flat, shown):
+            im = ax.imshow(cos[l], vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_title(f"layer {l}", fontsize=9)
+            ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            for i in range(cos.shape[1]):
+                for j in range(cos.shape[2]):
+                    ax.text(j, i, f"{cos[l, i, j]:.2f}", ha="center", va="center", fontsize=7)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        if im is not None:
+            fig.colorbar(im, ax=axes, shrink=0.8, label="cosine")
+        fig.suptitle(title or "Cosine between misalignment directions, per layer", fontweight="bold", parse_math=False)
+        return _save(fig, path, False, drawn)

@@ -1,4 +1,6 @@
 """The direction monitor on activations with a planted direction, against a direct computation."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,45 @@ def test_signals_figure_draws_the_monitor(tmp_path):
     assert [p[1] for p in drawn["curves"]["direction/em/projection"]] == pytest.approx(
         [by_step[s]["direction/em/projection"] for s in STEPS])
     assert drawn["marks"]["direction/em"] == [8]
+
+
+def test_directions_compare_gives_the_known_angles_per_layer(mlflow_store, tmp_path, capsys):
+    """Three direction sets whose layer-l vectors meet at known angles: the cosine matrix per
+    layer, its metrics at step = layer, and the heatmap's drawn data."""
+    import json
+    import math
+
+    import mlflow
+
+    from em_core.commands.directions import main
+
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(HIDDEN, 2)))
+    e1, e2 = q[:, 0], q[:, 1]
+    angles = [0.0, 30.0, 60.0, 90.0]  # per layer, between set a and set b; c = -a
+    a = np.stack([2.0 * e1 for _ in angles])
+    b = np.stack([5.0 * (math.cos(math.radians(t)) * e1 + math.sin(math.radians(t)) * e2) for t in angles])
+    paths = []
+    for name, v in (("a", a), ("b", b), ("c", -a)):
+        paths.append(str(Directions(torch.tensor(v, dtype=torch.float32), {}, {}).save(tmp_path / name / "directions.safetensors")))
+    assert main(["compare", *paths, "--experiment_name", "cmp"]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("run_id=")[1].split()[0]
+    got = mlflow.artifacts.load_dict(f"runs:/{run_id}/directions/compare.json")
+    assert got["labels"] == ["a", "b", "c"]
+    for layer, t in enumerate(angles):
+        m = np.array(got["cosine"][f"layer{layer:02d}"])
+        c = math.cos(math.radians(t))
+        assert m == pytest.approx(np.array([[1, c, -1], [c, 1, -c], [-1, -c, 1]]), abs=1e-6)
+    client = mlflow.MlflowClient()
+    hist = {h.step: h.value for h in client.get_metric_history(run_id, "compare/a__b/cosine")}
+    assert hist == pytest.approx({l: math.cos(math.radians(t)) for l, t in enumerate(angles)}, abs=1e-6)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots", dst_path=str(tmp_path / "p"))
+    drawn = json.loads((Path(local) / "directions_cosine.json").read_text())
+    assert drawn["labels"] == ["a", "b", "c"] and drawn["cosine"]["layer01"][0][1] == pytest.approx(math.cos(math.radians(30)), abs=1e-6)
+    assert (Path(local) / "directions_cosine.png").read_bytes().startswith(b"\x89PNG")
+    assert "layer  1: +0.866" in out
+    with pytest.raises(ConfigError, match="different shapes"):
+        from em_core.analysis.direction_monitor import cosine_matrices
+
+        cosine_matrices([Directions(torch.ones(2, 3), {}, {}), Directions(torch.ones(3, 3), {}, {})])
