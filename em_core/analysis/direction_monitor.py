@@ -47,7 +47,7 @@ def load_monitor_directions(run_id: str | None, path: str | None, workdir: Path)
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"directions/{DIRECTIONS_FILE}",
                                                     dst_path=str(workdir))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (mlflow raises several kinds for a missing run or artifact)
         raise ConfigError(f"directions_run_id {run_id}: no directions/{DIRECTIONS_FILE} ({type(e).__name__}); "
                           "run `em directions extract` first") from None
     return Directions.load(local)

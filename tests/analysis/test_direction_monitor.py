@@ -94,7 +94,7 @@ def test_signals_figure_draws_the_monitor(tmp_path):
 
     acts, dirs, _ = planted()
     proj = {s: pair_projections(a, unit_vectors(dirs)) for s, a in acts.items()}
-    by_step, summary = monitor_metrics(proj, "em", 2)
+    by_step, _ = monitor_metrics(proj, "em", 2)
     by_step[8]["direction/em/emergence_step"] = 8
     png = plot_signals_vs_step(by_step, tmp_path / "s.png")
     drawn = json.loads(png.with_suffix(".json").read_text())
