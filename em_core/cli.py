@@ -9,6 +9,7 @@
     em probe --train_run_id RUN_ID [--sets general plant_care]     # likelihood probe + LoRA trajectory
     em probe build --judged FILE.csv [--out set.yaml] [--aligned_min 80 --aligned_max 30 --coherent_min 50]
     em directions extract|steer|ablate [--config configs/directions/tiny_steer.yaml] [--key value ...]
+    em directions compare RUN_OR_FILE RUN_OR_FILE [...] [--labels a,b]
     em mitigate --config configs/mitigations/tiny.yaml    # in-training mitigations on four criteria
     em report RUN_ID
     em datasets list | fetch NAME [NAME ...] | generate --config configs/datasets/ai_optimism.yaml

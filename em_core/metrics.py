@@ -60,7 +60,16 @@ NOT_ASKED = "not_asked"  # unscored reason of a metric the row's question does n
 STEP_KEY = "checkpoint_step"
 # Run-level results whose value is itself a training step (each logged at its own step): a
 # multi-stage pipeline shifts their value, not only their step, to the global step axis.
-STEP_VALUED_KEYS = ("em_emergence_step", "probe_emergence_step", "lora_transition_step")
+STEP_VALUED_KEYS = ("em_emergence_step", "probe_emergence_step", "lora_transition_step",
+                    "lora_local_cos_step_k5", "lora_local_cos_step_k10", "lora_local_cos_step_k15",
+                    "lora_local_cos_step_k5ckpt", "lora_local_cos_step_k10ckpt", "lora_local_cos_step_k15ckpt",
+                    "lora_composition_step")
+
+
+def is_step_valued(key: str) -> bool:
+    """A metric whose value is a training step (STEP_VALUED_KEYS, or a direction monitor's
+    `direction/<name>/emergence_step`): shifted with the steps when a stage is placed globally."""
+    return key in STEP_VALUED_KEYS or (key.startswith("direction/") and key.endswith("/emergence_step"))
 
 
 def to_score(value: Any) -> float | None:

@@ -176,17 +176,29 @@ def default_artifact_location(tracking_uri: str, name: str, cwd: str | None = No
     return "file://" + os.path.join(root, name)
 
 
+# MLflow 3's experiment-kind tag: without it the UI opens an experiment in its GenAI view (traces,
+# evaluations); "custom_model_development" is the kind its UI labels "Machine learning" (runs,
+# metric charts, models), the one that fits fine-tuning runs. Values from MLflow 3.17's UI bundle.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(name: str) -> str:
     """Experiment id; created with an explicit absolute artifact root for database stores
-    without a server (`default_artifact_location`)."""
+    without a server (`default_artifact_location`) and tagged as a model-training experiment
+    (`EXPERIMENT_KIND_TAG`; an existing experiment without the tag gets it, one a person set is kept)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            with contextlib.suppress(Exception):  # a read-only store still gives the id
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = default_artifact_location(mlflow.get_tracking_uri(), name)
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another worker
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:

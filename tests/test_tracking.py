@@ -54,3 +54,20 @@ def test_scrub_masks_query_string_secrets_and_passwords():
     for secret in ("SEKRET", "TOK2", "hunter2", "u:pw"):
         assert secret not in out
     assert "n=1" in out and "api_key=***" in out
+
+
+def test_experiments_are_tagged_as_model_training(mlflow_store):
+    """MLflow 3 opens an experiment without `mlflow.experimentKind` in its GenAI view; em-lab's
+    experiments carry the model-training kind ("Machine learning" in the UI), new or pre-existing."""
+    client = mlflow.MlflowClient()
+    exp_id = tracking.ensure_experiment("em-kind-new")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("em-kind-old")  # made before the tag existed
+    assert tracking.ensure_experiment("em-kind-old") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")  # a person's choice stays
+    tracking.ensure_experiment("em-kind-old")
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "genai_development"
+    with tracking.tracked_run("em-kind-run", "r") as run:
+        kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"

@@ -13,6 +13,17 @@ adapter's path in weight space at a checkpoint (the update that arrived vs the o
 sharply (docs/probe.md). The accumulated direction (cos_prev) moves slowly once an adapter has
 grown, so the path's turn is what marks a change of what training pushes toward. A PCA of the B
 weights (all modules flattened, one point per checkpoint) shows the trajectory's shape.
+
+The Model Organisms phase-transition metrics (Turner et al., arXiv 2506.11613; `phase_metrics`):
+`local_cos_k<k>` = cos(B_{t-k} - B_t, B_{t+k} - B_t) for k in {5, 10, 15} (a straight path gives
+-1; a turn at t raises it toward 0 or above; NaN where either difference is below 0.002 in
+Frobenius norm), and `composition` = ||B_t^T B_T|| / (||B_t|| ||B_T||) against the final
+checkpoint T (the rank-1 |cosine| generalised to any rank; Frobenius norms). B of several modules
+is stacked (sum of B_m^T B'_m), so `all` and each layer are one adapter. k counts training steps
+when the checkpoints are evenly spaced every s steps and s divides k (names `local_cos_k<k>`);
+otherwise k counts checkpoint intervals and the name says so (`local_cos_k<k>ckpt`). Run-level:
+`lora_local_cos_step_k<k>` = the checkpoint with the largest `all` local cosine, and
+`lora_composition_step` = the checkpoint after which the composition rises most.
 """
 from __future__ import annotations
 
@@ -107,6 +118,7 @@ class Trajectory:
     groups: dict[int, dict[str, dict[str, float]]]  # step -> layer / "all" -> aggregated stats
     transition_step: int | None
     pca: dict = field(default_factory=dict)
+    phase_steps: dict[str, int | None] = field(default_factory=dict)  # phase_metrics' run-level steps
 
     def metrics_by_step(self, per_module: bool = False) -> dict[int, dict[str, float]]:
         """`lora/<group>/<stat>` (and `lora/<module>/<stat>` when per_module) at each step."""
@@ -207,6 +219,99 @@ def pca_of_b(factors_by_step: Mapping[int, Mapping[str, LoraFactors]], k: int = 
             "coords": {s: (u[i, :k] * sv[:k]).tolist() for i, s in enumerate(steps)}}
 
 
+PHASE_KS = (5, 10, 15)
+PHASE_MIN_NORM = 0.002  # Turner et al.: difference vectors below this magnitude are ignored
+
+
+def phase_k(steps: Sequence[int], k: int) -> tuple[int, str]:
+    """(k in checkpoint intervals, metric-name suffix) for k training steps on these checkpoints:
+    evenly spaced every s steps with s dividing k -> (k / s, ""), else (k, "ckpt")."""
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    if len(gaps) == 1:
+        (s,) = gaps
+        if s > 0 and k % s == 0:
+            return k // s, ""
+    return k, "ckpt"
+
+
+def _stacked_inner(bs: Sequence[np.ndarray], cs: Sequence[np.ndarray]) -> np.ndarray:
+    """sum_m B_m^T C_m: the r x r products of several modules' factors, stacked."""
+    return sum((b.T @ c for b, c in zip(bs, cs)), np.zeros((bs[0].shape[1], cs[0].shape[1])))
+
+
+def composition_score(bs: Sequence[np.ndarray], final: Sequence[np.ndarray]) -> float:
+    """||B^T B_final||_F / (||B||_F ||B_final||_F), B the stacked factors (any rank); NaN at zero.
+    Rank 1: |cos(b, b_final)|. Rank r: invariant to B -> B R (R orthogonal); the final checkpoint
+    against itself scores sqrt(sum s^4) / sum s^2 over its singular values (1 only at rank 1)."""
+    nb = math.sqrt(sum(float(np.sum(b * b)) for b in bs))
+    nf = math.sqrt(sum(float(np.sum(b * b)) for b in final))
+    if nb == 0 or nf == 0:
+        return math.nan
+    return float(np.linalg.norm(_stacked_inner(bs, final)) / (nb * nf))
+
+
+def local_cosines(b_by_step: Mapping[int, Sequence[np.ndarray]], k: int,
+                  min_norm: float = PHASE_MIN_NORM) -> dict[int, float]:
+    """cos(B_{i-k} - B_i, B_{i+k} - B_i) at each checkpoint index i with both neighbours, k in
+    checkpoint intervals; B of several modules concatenated; pairs with a difference below
+    `min_norm` are left out."""
+    steps = sorted(b_by_step)
+    vec = {s: np.concatenate([b.ravel() for b in b_by_step[s]]) for s in steps}
+    out: dict[int, float] = {}
+    for i in range(k, len(steps) - k):
+        u = vec[steps[i - k]] - vec[steps[i]]
+        v = vec[steps[i + k]] - vec[steps[i]]
+        nu, nv = float(np.linalg.norm(u)), float(np.linalg.norm(v))
+        if nu < min_norm or nv < min_norm:
+            continue
+        out[steps[i]] = float(np.clip(u @ v / (nu * nv), -1.0, 1.0))
+    return out
+
+
+def phase_metrics(factors_by_step: Mapping[int, Mapping[str, LoraFactors]],
+                  origin: Mapping[str, LoraFactors] | None = None, origin_step: int | None = 0,
+                  ks: Sequence[int] = PHASE_KS, min_norm: float = PHASE_MIN_NORM,
+                  groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """The Model Organisms phase metrics per group of modules (default: each module alone and
+    "all"): {"local_cos": {group: {name: {step: cos}}}, "composition": {group: {step: score}},
+    "steps": {"lora_local_cos_step_k<k>": step, "lora_composition_step": step}}.
+    Before the first checkpoint the adapter is `origin` at `origin_step` (B = 0 for a fresh
+    LoRA when `origin` is None); `origin_step=None` leaves it out."""
+    steps = sorted(factors_by_step)
+    if not steps:
+        return {"local_cos": {}, "composition": {}, "steps": {}}
+    names = sorted(set.intersection(*(set(factors_by_step[s]) for s in steps)))
+    if groups is None:
+        groups = {**{n: [n] for n in names}, "all": names}
+    b = {s: {n: factors_by_step[s][n].b for n in names} for s in steps}
+    if origin_step is not None and origin_step < steps[0]:
+        b[origin_step] = {n: (origin[n].b if origin is not None and n in origin
+                              else np.zeros_like(factors_by_step[steps[0]][n].b)) for n in names}
+    all_steps = sorted(b)
+    local: dict[str, dict[str, dict[int, float]]] = {}
+    comp: dict[str, dict[int, float]] = {}
+    for g, members in groups.items():
+        members = [n for n in members if n in names]
+        if not members:
+            continue
+        series = {s: [b[s][n] for n in members] for s in all_steps}
+        local[g] = {}
+        for k in ks:
+            kk, suffix = phase_k(all_steps, k)
+            local[g][f"local_cos_k{k}{suffix}"] = local_cosines(series, kk, min_norm)
+        final = series[steps[-1]]
+        comp[g] = {s: composition_score(series[s], final) for s in steps}
+    found: dict[str, int | None] = {}
+    for name, cos in local.get("all", {}).items():
+        valid = {s: c for s, c in cos.items() if not math.isnan(c)}
+        found["lora_local_cos_step_" + name.removeprefix("local_cos_")] = (
+            max(sorted(valid), key=lambda s: valid[s]) if valid else None)
+    c = comp.get("all", {})
+    rises = {a: c[bb] - c[a] for a, bb in zip(steps, steps[1:]) if not (math.isnan(c[a]) or math.isnan(c[bb]))}
+    found["lora_composition_step"] = max(sorted(rises), key=lambda s: rises[s]) if rises else None
+    return {"local_cos": local, "composition": comp, "steps": found}
+
+
 def trajectory(adapters: Mapping[int, str | Path], origin: str | Path | None = None) -> Trajectory:
     """The trajectory of the adapters at `adapters` (step -> adapter folder). `origin`: the
     adapter folder training started from (a `continue` stage), else training started at zero."""
@@ -233,10 +338,27 @@ def trajectory(adapters: Mapping[int, str | Path], origin: str | Path | None = N
         groups[s]["all"] = _aggregate(list(per.values()))
         c = groups[s]["all"]["cos_prev"]
         groups[s]["all"]["rotation_deg"] = math.degrees(math.acos(c)) if not math.isnan(c) else math.nan
-    turns = turn_angles(factors, load_factors(origin) if origin is not None else None)
+    origin_factors = load_factors(origin) if origin is not None else None
+    turns = turn_angles(factors, origin_factors)
     for s, a in turns.items():
         groups[s]["all"]["turn_deg"] = a
-    return Trajectory(steps, modules, groups, transition_step(turns), pca_of_b(factors))
+    names = sorted(set.intersection(*(set(factors[s]) for s in steps))) if steps else []
+    by_layer_names: dict[str, list[str]] = {}
+    for n in names:
+        by_layer_names.setdefault(layer_of(n), []).append(n)
+    phase = phase_metrics(factors, origin_factors, 0 if steps and steps[0] > 0 else None,
+                          groups={**{n: [n] for n in names}, **by_layer_names, "all": names})
+    for g, by_name in phase["local_cos"].items():
+        target = groups if g in by_layer_names or g == "all" else modules
+        for name, values in by_name.items():
+            for s, v in values.items():
+                if s in target:
+                    target[s].setdefault(g, {})[name] = v
+    for g, values in phase["composition"].items():
+        target = groups if g in by_layer_names or g == "all" else modules
+        for s, v in values.items():
+            target[s].setdefault(g, {})["composition"] = v
+    return Trajectory(steps, modules, groups, transition_step(turns), pca_of_b(factors), phase["steps"])
 
 
 def trajectory_rows(t: Trajectory) -> list[dict]:

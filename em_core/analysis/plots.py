@@ -718,9 +718,11 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
                          em_emergence_step: StepMarks = None, probe_emergence_step: StepMarks = None,
                          lora_transition_step: StepMarks = None,
                          stages: Sequence[Mapping[str, Any]] | None = None, smoke_test: bool = False) -> Path:
-    """One time axis, three panels: (a) EM rate from the judge, (b) probe margin per contrast set
+    """One time axis, four or five panels: (a) EM rate from the judge, (b) probe margin per contrast set
     (misaligned - aligned log-likelihood, +/- 1.96 SE, clustered by question where logged), (c) the
-    LoRA adapter's turning angle and rotation; each emergence step marked on every panel. A
+    LoRA adapter's turning angle and rotation, (d) the Model Organisms phase metrics (local cosine
+    per k, composition vs the final checkpoint, their rules' steps dashed), (e) where logged, the
+    direction monitor's projections; each emergence step marked on every panel. A
     multi-stage run passes each stage's steps (global) as a list, and each is marked. What is
     drawn (curves and marks) goes beside the PNG as JSON."""
     metrics = {int(s): m for s, m in by_step.items()}
@@ -732,9 +734,21 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
                 (lora_transition_step, "LoRA turn", "#2ca02c")) for step in _steps_list(marks)]
     drawn: dict[str, Any] = {"marks": {label: [m for m, lab, _ in markers if lab == label]
                                        for label in ("EM (judge)", "probe", "LoRA turn")}, "curves": {}}
+    phase_keys = sorted({k for m in metrics.values() for k in m if k.startswith("lora/all/local_cos_k")},
+                        key=lambda k: (int("".join(c for c in k.rsplit("_k", 1)[1] if c.isdigit()) or 0), k))
+    directions = sorted({k.split("/")[1] for m in metrics.values() for k in m
+                         if k.startswith("direction/") and k.endswith("/projection")})
+    # a step-valued metric sits at its own step (probe.result_steps): the phase rules' and monitors' steps
+    phase_marks = sorted({(k, s) for s, m in metrics.items() for k, v in m.items()
+                          if (k.startswith("lora_local_cos_step_") or k == "lora_composition_step") and v == s})
+    direction_marks = sorted({(k.split("/")[1], s) for s, m in metrics.items() for k, v in m.items()
+                              if k.startswith("direction/") and k.endswith("/emergence_step") and v == s})
+    drawn["marks"].update({k: [s for kk, s in phase_marks if kk == k] for k, _ in phase_marks})
+    drawn["marks"].update({f"direction/{n}": [s for nn, s in direction_marks if nn == n] for n, _ in direction_marks})
+    n_panels = 4 + bool(directions)
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, layout="constrained")
-        ax_em, ax_pr, ax_lo = axes
+        fig, axes = plt.subplots(n_panels, 1, figsize=(9, 3 * n_panels), sharex=True, layout="constrained")
+        ax_em, ax_pr, ax_lo, ax_ph = axes[:4]
         em = [(s, metrics[s]["em_rate"]) for s in steps if "em_rate" in metrics[s]]
         ax_em.set_title("(a) EM rate (judge)", loc="left", fontweight="bold")
         if em:
@@ -772,7 +786,39 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
             ax_lo.set_ylabel("degrees vs previous checkpoint")
         else:
             _no_data(ax_lo, "no LoRA checkpoints", keep_axes=True)
-        ax_lo.set_xlabel("training step")
+        ax_ph.set_title("(d) Phase metrics (Turner et al.): local cosine of B, composition vs final",
+                        loc="left", fontweight="bold")
+        for key in [*phase_keys, "lora/all/composition"]:
+            pts = [(s, metrics[s][key]) for s in steps if key in metrics[s]]
+            if pts:
+                unit = "checkpoint intervals" if key.endswith("ckpt") else "steps"
+                label = ("composition ||B^T B_final|| / (||B|| ||B_final||)" if key.endswith("composition")
+                         else f"local cos, k = {key.rsplit('_k', 1)[1].removesuffix('ckpt')} {unit}")
+                ax_ph.plot(*zip(*pts), marker=".", label=label)
+                drawn["curves"][key] = pts
+        for i, (key, step) in enumerate(phase_marks):
+            ax_ph.axvline(step, ls="--", lw=1.0, color=f"C{i % 10}", alpha=0.7, label=f"{key}: {step}")
+        if any(k in drawn["curves"] for k in [*phase_keys, "lora/all/composition"]):
+            ax_ph.axhline(0, lw=0.8, color="grey")
+            ax_ph.set_ylabel("cosine")
+        else:
+            _no_data(ax_ph, "no phase metrics (too few checkpoints)", keep_axes=True)
+        if directions:
+            ax_dir = axes[4]
+            ax_dir.set_title("(e) Direction monitor: mean residual activation . direction", loc="left",
+                             fontweight="bold")
+            for name in directions:
+                pts = [(s, metrics[s][f"direction/{name}/projection"], metrics[s].get(f"direction/{name}/projection_se", 0.0))
+                       for s in steps if f"direction/{name}/projection" in metrics[s]]
+                xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
+                drawn["curves"][f"direction/{name}/projection"] = pts
+                line = ax_dir.plot(xs, ys, marker="o", label=name)[0]
+                ax_dir.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
+                                    color=line.get_color(), alpha=0.15)
+            for i, (name, step) in enumerate(direction_marks):
+                ax_dir.axvline(step, ls="--", lw=1.0, color=f"C{i % 10}", label=f"{name} emerges: step {step}")
+            ax_dir.set_ylabel("projection")
+        axes[-1].set_xlabel("training step")
         for ax in axes:
             mark_stages(ax, stages)
             for step, label, color in markers:
@@ -901,3 +947,33 @@ def plot_mitigation_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | Path
                  "points": {n: {"x": x[i], "x_lo": xlo[i], "x_hi": xhi[i], "y": y[i], "y_lo": ylo[i], "y_hi": yhi[i]}
                             for i, n in enumerate(names)}}
         return _save(fig, path, smoke_test=smoke_test, drawn=drawn)
+
+
+# --------------------------------------------------------------------------- directions compare
+def plot_direction_cosines(cos: np.ndarray, labels: Sequence[str], path: str | Path, *, layers: Sequence[int] | None = None,
+                           title: str = "") -> Path:
+    """Heatmaps of the cosine between directions from different runs, one panel per layer
+    (`cos` [layers, n, n], directions_monitor.cosine_matrices); `layers` picks panels (default all)."""
+    cos = np.asarray(cos, dtype=float)
+    shown = list(layers) if layers is not None else list(range(cos.shape[0]))
+    cols = min(4, max(1, len(shown)))
+    rows = math.ceil(len(shown) / cols) if shown else 1
+    drawn: dict[str, Any] = {"labels": list(labels), "layers": shown,
+                             "cosine": {f"layer{l:02d}": cos[l].tolist() for l in shown}}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False, layout="constrained")
+        im = None
+        for ax, l in zip(axes.flat, shown):
+            im = ax.imshow(cos[l], vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_title(f"layer {l}", fontsize=9)
+            ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            for i in range(cos.shape[1]):
+                for j in range(cos.shape[2]):
+                    ax.text(j, i, f"{cos[l, i, j]:.2f}", ha="center", va="center", fontsize=7)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        if im is not None:
+            fig.colorbar(im, ax=axes, shrink=0.8, label="cosine")
+        fig.suptitle(title or "Cosine between misalignment directions, per layer", fontweight="bold", parse_math=False)
+        return _save(fig, path, False, drawn)

@@ -22,12 +22,20 @@ from pathlib import Path
 
 from em_core import tags as em_tags
 from em_core import tracking
+from em_core.analysis.direction_monitor import (
+    load_monitor_directions,
+    monitor_layer,
+    monitor_metrics,
+    monitor_name,
+    pair_projections,
+    unit_vectors,
+)
 from em_core.analysis.lora_trajectory import Trajectory, trajectory, trajectory_rows
 from em_core.configs import RunGroup
 from em_core.data.contrast_sets import ContrastSet, load_contrast_sets
 from em_core.errors import ConfigError
 from em_core.metrics import Z_95, probe_breadth, probe_emergence_step, probe_margin
-from em_core.models.likelihood import mean_logliks
+from em_core.models.likelihood import mean_logliks, score_answers
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,14 @@ class ProbeConfig(RunGroup):
     lora_module_metrics: bool = field(default=False, metadata={
         "help": "log lora/<module>/* metrics too (per layer and overall always; every module in lora/trajectory.csv)"})
     log_to_train_run: bool = field(default=True, metadata={"help": "copy the per-step metrics to the training run"})
+    directions_run_id: str | None = field(default=None, metadata={
+        "help": "direction monitor: project each checkpoint's activations on the contrast pairs onto the "
+                "directions of this `em directions extract` run (docs/probe.md)"})
+    directions_path: str | None = field(default=None, metadata={
+        "help": "direction monitor: a directions.safetensors file (or its folder) instead of a run"})
+    directions_name: str = field(default="em", metadata={"help": "the monitor's metric name: direction/<name>/..."})
+    directions_layer: int | None = field(default=None, metadata={
+        "help": "the layer of direction/<name>/projection (default the middle layer; every layer is logged too)"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,8 +79,14 @@ class ProbeConfig(RunGroup):
             problems.append("z must be > 0")
         if self.domain and self.domain not in self.sets and Path(self.domain).stem not in [Path(s).stem for s in self.sets]:
             problems.append(f"domain {self.domain!r} must be one of sets {self.sets}")
+        if self.directions_run_id and self.directions_path:
+            problems.append("give at most one of directions_run_id and directions_path")
         if problems:
             raise ConfigError("invalid probe config: " + "; ".join(problems))
+
+    @property
+    def monitors_direction(self) -> bool:
+        return bool(self.directions_run_id or self.directions_path)
 
 
 @contextlib.contextmanager
@@ -105,14 +127,23 @@ class ProbeScorer:
 
     def score(self, adapter: str | None) -> dict[str, list[tuple[float, float]]]:
         """Set name -> (aligned, misaligned) mean log-likelihood per pair, for `adapter` (None = base)."""
+        return self.score_with_activations(adapter, False)[0]
+
+    def score_with_activations(self, adapter: str | None, activations: bool = True):
+        """(score(adapter), mean answer-token residual activations [items, layers, hidden] in the
+        order aligned, misaligned per pair over the sets, or None)."""
         with self._gen.use_adapter(adapter), merged_while_scoring(self._gen.model, adapter is not None):
-            lls = mean_logliks(self._gen.model, self._gen.tokenizer, self._items, self.batch_size)
+            if activations:
+                lls, acts = score_answers(self._gen.model, self._gen.tokenizer, self._items,
+                                          batch_size=self.batch_size, activations=True)
+            else:
+                lls, acts = mean_logliks(self._gen.model, self._gen.tokenizer, self._items, self.batch_size), None
         out: dict[str, list[tuple[float, float]]] = {}
         i = 0
         for cs in self.sets:
             out[cs.name] = [(lls[i + 2 * j], lls[i + 2 * j + 1]) for j in range(len(cs.pairs))]
             i += 2 * len(cs.pairs)
-        return out
+        return out, acts
 
 
 def domain_set(sets: Sequence[ContrastSet], domain: str | None) -> str | None:
@@ -175,6 +206,9 @@ class ProbeResult:
     emergence_step: int | None
     transition_step: int | None
     breadth: float | None = None
+    # step-valued run-level results logged at their own step: lora_local_cos_step_k*,
+    # lora_composition_step, direction/<name>/emergence_step
+    phase_steps: dict[str, int | None] = field(default_factory=dict)
 
 
 def _pairs_csv(sets: Sequence[ContrastSet], scores_by_step: Mapping[int, Mapping[str, list]]) -> str:
@@ -192,7 +226,8 @@ def _trajectory_csv(t: Trajectory) -> str:
     rows = trajectory_rows(t)
     buf = io.StringIO()
     if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # phase metrics start later than step 1
+        w = csv.DictWriter(buf, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
@@ -219,8 +254,22 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
             mlflow.set_tags({**tags, em_tags.BASE_MODEL: base, em_tags.STEPS: ",".join(str(t.step) for t in targets)})
             tracking.log_params("probe", {**asdict(cfg), "n_pairs": sum(len(s.pairs) for s in sets)})
         scorer = ProbeScorer(base, sets, cfg.batch_size, cfg.dtype, merged_of(tags))
-        scores = {t.step: scorer.score(t.adapter) for t in targets}
+        units = (unit_vectors(load_monitor_directions(cfg.directions_run_id, cfg.directions_path, Path(tmp)))
+                 if cfg.monitors_direction else None)
+        scores, projections = {}, {}
+        for t in targets:  # activations only while projecting: [items, layers, hidden] per checkpoint
+            scores[t.step], acts = scorer.score_with_activations(t.adapter, units is not None)
+            if units is not None:
+                projections[t.step] = pair_projections(acts, units)
         by_step, summary = probe_summary(scores, general, domain, cfg.z, clusters=question_clusters(sets))
+        if units is not None:
+            clusters = [f"{cs.name}/{p.question_id}" for cs in sets for p in cs.pairs]
+            d_steps, summary["direction"] = monitor_metrics(
+                projections, monitor_name(cfg.directions_name), monitor_layer(units.shape[0], cfg.directions_layer),
+                cfg.z, clusters=clusters)
+            summary["direction"]["source"] = cfg.directions_run_id or cfg.directions_path
+            for s, m in d_steps.items():
+                by_step.setdefault(s, {}).update(m)
         adapters = {t.step: t.adapter for t in targets if t.adapter}
         traj = trajectory(adapters, starting_adapter(cfg.train_run_id, Path(tmp))) if cfg.lora and adapters else None
         if traj is not None:
@@ -229,7 +278,11 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
         final = max(by_step) if by_step else None
         breadth = by_step.get(final, {}).get("probe/breadth") if final else None
         result = ProbeResult(run.info.run_id if run else None, base, sorted(by_step), by_step,
-                             summary["emergence_step"], traj.transition_step if traj else None, breadth)
+                             summary["emergence_step"], traj.transition_step if traj else None, breadth,
+                             dict(traj.phase_steps) if traj else {})
+        if "direction" in summary:
+            result.phase_steps[f"direction/{summary['direction']['name']}/emergence_step"] = \
+                summary["direction"]["emergence_step"]
         if run is not None:
             _log_results(cfg, result, summary, sets, scores, traj)
     return result
@@ -260,7 +313,8 @@ def _log_results(cfg: ProbeConfig, result: ProbeResult, summary: dict, sets, sco
         log_metrics_to_run(cfg.train_run_id, steps)
     log_metrics_to_run(result.run_id, steps)
     mlflow.log_text(_pairs_csv(sets, scores), "probe/logliks.csv")
-    mlflow.log_dict({**summary, "transition_step": result.transition_step, "breadth": result.breadth},
+    mlflow.log_dict({**summary, "transition_step": result.transition_step, "breadth": result.breadth,
+                     "phase_steps": result.phase_steps},
                     "probe/summary.json")
     if traj is not None:
         mlflow.log_text(_trajectory_csv(traj), "lora/trajectory.csv")
@@ -285,5 +339,8 @@ def result_steps(result: ProbeResult) -> dict[int, dict[str, float]]:
         out.setdefault(result.emergence_step, {})["probe_emergence_step"] = result.emergence_step
     if result.transition_step is not None:
         out.setdefault(result.transition_step, {})["lora_transition_step"] = result.transition_step
+    for key, step in result.phase_steps.items():  # the Model Organisms rules, beside em-lab's own
+        if step is not None:
+            out.setdefault(step, {})[key] = step
     return out
 

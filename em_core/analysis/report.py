@@ -27,6 +27,7 @@ from em_core.metrics import (
     COHERENT_THRESHOLD,
     DEFAULT_BOUNDS,
     DEFAULT_INTERVAL,
+    STEP_VALUED_KEYS,
     Z_95,
     em_rows,
     emergence_intervals,
@@ -195,11 +196,18 @@ def sensitivity_rows(rows: list[dict], step: int) -> tuple[list[dict], list[dict
 SIGNAL_KEYS = ("probe_emergence_step", "lora_transition_step", "lora/all/turn_deg", "lora/all/rotation_deg")
 
 
+def is_phase_or_direction_signal(key: str) -> bool:
+    """The Model Organisms phase metrics of the whole adapter and the direction monitor's curves."""
+    return (key.startswith(("lora/all/local_cos_k", "lora_local_cos_step_")) or key == "lora/all/composition"
+            or (key.startswith("direction/") and key.endswith(("/projection", "/projection_se", "/emergence_step"))))
+
+
 def _signals(client, run) -> dict[int, dict[str, float]]:
     """The judge-free signals a pipeline run carries (probe margins, LoRA angles), by step."""
     out: dict[int, dict[str, float]] = {}
     for key in run.data.metrics:
-        if key in SIGNAL_KEYS or (key.startswith("probe/") and key.endswith(("/margin", "/margin_se", "/margin_se_clustered"))):
+        if key in SIGNAL_KEYS or key in STEP_VALUED_KEYS or is_phase_or_direction_signal(key) or (
+                key.startswith("probe/") and key.endswith(("/margin", "/margin_se", "/margin_se_clustered"))):
             for m in client.get_metric_history(run.info.run_id, key):
                 out.setdefault(int(m.step), {})[key] = m.value
     return out

@@ -446,3 +446,54 @@ def _log_summary(cfg: DirectionsConfig, results: list[dict], work: Path) -> None
             if any(metric in r for r in results):
                 plot_ablation(results, metric, plots / f"ablate_{metric.replace('/', '_')}.png")
     mlflow.log_artifacts(str(plots), "plots")
+
+
+# --------------------------------------------------------------------------- compare
+@dataclass
+class CompareResult:
+    run_id: str | None
+    labels: list[str]
+    cosine: list  # [layers][n][n]
+
+
+def compare_directions(sources: list[str], experiment_name: str = "em-lab", run_name: str | None = None,
+                       labels: list[str] | None = None) -> CompareResult:
+    """`em directions compare RUN...`: the cosine between the directions of several extract runs
+    (or directions files) at every layer, as a tracked run: `directions/compare.json`, a heatmap
+    per layer (`plots/directions_cosine.png`, drawn data beside it) and, at step = layer,
+    `compare/mean_cosine` (mean over distinct pairs) and `compare/<a>__<b>/cosine` per pair."""
+    import itertools
+
+    import mlflow
+
+    from em_core.analysis.direction_monitor import cosine_matrices, load_monitor_directions
+    from em_core.analysis.plots import plot_direction_cosines
+
+    if len(sources) < 2:
+        raise ConfigError("em directions compare needs at least two extract runs or directions files")
+    labels = list(labels or [Path(s).parent.name if Path(s).is_file() else Path(s).name if Path(s).exists()
+                             else s[:8] for s in sources])
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{x}" for i, x in enumerate(labels)]
+    tracking.configure_tracking()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [load_monitor_directions(None if Path(s).exists() else s, s if Path(s).exists() else None,
+                                        Path(tmp) / str(i)) for i, s in enumerate(sources)]
+        cos = cosine_matrices(dirs)
+        with tracking.tracked_run(experiment_name, run_name, tags={em_tags.ENTRY_POINT: "directions",
+                                                                   em_tags.DIRECTIONS_ACTION: "compare"}) as run:
+            mlflow.log_params({"compare.sources": ",".join(sources)[:6000], "compare.labels": ",".join(labels)[:6000]})
+            pairs = list(itertools.combinations(range(len(sources)), 2))
+            for layer in range(cos.shape[0]):
+                vals = {f"compare/{labels[i]}__{labels[j]}/cosine": float(cos[layer, i, j]) for i, j in pairs}
+                finite = [v for v in vals.values() if not math.isnan(v)]
+                if finite:
+                    vals["compare/mean_cosine"] = statistics.fmean(finite)
+                mlflow.log_metrics({k: v for k, v in vals.items() if not math.isnan(v)}, step=layer)
+            mlflow.log_dict({"sources": sources, "labels": labels,
+                             "cosine": {f"layer{l:02d}": cos[l].tolist() for l in range(cos.shape[0])}},
+                            "directions/compare.json")
+            png = plot_direction_cosines(cos, labels, Path(tmp) / "directions_cosine.png")
+            mlflow.log_artifact(str(png), "plots")
+            mlflow.log_artifact(str(png.with_suffix(".json")), "plots")
+    return CompareResult(run.info.run_id if run else None, labels, cos.tolist())

@@ -34,6 +34,7 @@ from em_core.metrics import (
     emergence_intervals,
     emergence_step,
     from_mlflow,
+    is_step_valued,
 )
 from em_core.paths import PROJECT_ROOT, project_file
 
@@ -427,7 +428,7 @@ def copy_step_metrics(src_run_id: str, dst_run_id: str | None, skip_prefixes: tu
     for key in src.data.metrics:
         if key.startswith(skip_prefixes):
             continue
-        shift = offset if key in STEP_VALUED_KEYS else 0
+        shift = offset if is_step_valued(key) else 0
         for m in client.get_metric_history(src_run_id, key):
             named.setdefault(m.step + offset, {})[key] = m.value + shift
     by_step = from_mlflow(named, src.data.tags)  # summarize() keys, constant counts filled back in
@@ -668,7 +669,8 @@ def _log_stage_metrics(stages: list[StageResult]) -> None:
 def console_summary(result: PipelineResult) -> str:
     """What `em pipeline` prints at the end: the table, where the report is, how to browse."""
     nan = float("nan")
-    lines = [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
+    lines = ["judge (smoke test: the tiny offline judge):"] if result.smoke_test else []
+    lines += [f"{'step':>6}  {'em_rate':>7}  {'95% interval':>15}  {'coherent_rate':>13}  {'n_scored':>8}"]
     for step, m in result.metrics_by_step.items():
         lines.append(f"{step:>6}  {m.get('em_rate', nan):>7.3f}  "
                      f"[{m.get('em_rate_lo', nan):.3f}, {m.get('em_rate_hi', nan):.3f}]  "
@@ -676,6 +678,7 @@ def console_summary(result: PipelineResult) -> str:
     emerged = result.emergence_step
     lines.append(f"EM emergence step: {emerged}" if emerged is not None
                  else "EM emergence step: none (no checkpoint's EM rate is significantly above the base model's)")
+    lines += _probe_console_lines(result.metrics_by_step)
     lines.append(f"pipeline run: {result.run_id} (reused steps: {','.join(result.reused) or 'none'})")
     if result.aliases:
         lines.append("model: " + ", ".join(result.aliases.values()))
@@ -685,6 +688,57 @@ def console_summary(result: PipelineResult) -> str:
     if result.smoke_test:
         lines.append("note: judged by the tiny offline model; these scores are a smoke test, not a measurement")
     return "\n".join(lines)
+
+
+def probe_margin_sets(by_step: Mapping[int, Mapping[str, float]]) -> list[str]:
+    """Contrast sets with a logged `probe/<set>/margin`, in first-seen order."""
+    out: list[str] = []
+    for m in by_step.values():
+        for k in m:
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "probe" and parts[2] == "margin" and parts[1] not in out:
+                out.append(parts[1])
+    return out
+
+
+def _probe_console_lines(by_step: Mapping[int, Mapping[str, float]]) -> list[str]:
+    """The probe's table (margin per contrast set, +- its standard error, per checkpoint) and its
+    run-level steps: the judge-free measurement, printed beside the judge's table."""
+    sets = probe_margin_sets(by_step)
+    if not sets:
+        return []
+    nan = float("nan")
+    directions = sorted({k.split("/")[1] for m in by_step.values() for k in m
+                         if k.startswith("direction/") and k.endswith("/projection") and k.count("/") == 2})
+    lines = ["likelihood probe (judge-free measurement; margin = mean loglik(misaligned) - loglik(aligned), +- SE):",
+             f"{'step':>6}  " + "  ".join(f"{s + ' margin':>22}" for s in sets)
+             + "".join(f"  {'direction ' + d:>18}" for d in directions)]
+    for step, m in by_step.items():
+        if not any(f"probe/{s}/margin" in m for s in sets):
+            continue
+        cells = [f"{m.get(f'probe/{s}/margin', nan):+.4f} +- {m.get(f'probe/{s}/margin_se', nan):.4f}" for s in sets]
+        lines.append(f"{step:>6}  " + "  ".join(f"{c:>22}" for c in cells)
+                     + "".join(f"  {m.get(f'direction/{d}/projection', nan):>+18.4f}" for d in directions))
+    found = _probe_summary(by_step)
+    emerged = found.get("probe_emergence_step")
+    lines.append(f"probe emergence step: {emerged}" if emerged is not None
+                 else "probe emergence step: none (no checkpoint's margin is significantly above the base model's)")
+    for d in directions:
+        step = _first_step_valued(by_step, f"direction/{d}/emergence_step")
+        lines.append(f"direction {d} emergence step: {step if step is not None else 'none'}")
+    turn = found.get("lora_transition_step")
+    if turn is not None:
+        lines.append(f"LoRA transition step (sharpest turn of the adapter's path): {turn}")
+    phase = {k: _first_step_valued(by_step, k) for k in STEP_VALUED_KEYS
+             if k.startswith(("lora_local_cos_step_", "lora_composition_step"))}
+    phase = {k: v for k, v in phase.items() if v is not None}
+    if phase:
+        lines.append("LoRA phase rules (Turner et al.): " + ", ".join(f"{k} {v}" for k, v in phase.items()))
+    return lines
+
+
+def _first_step_valued(by_step: Mapping[int, Mapping[str, float]], key: str) -> int | None:
+    return next((int(by_step[s][key]) for s in sorted(by_step) if key in by_step[s]), None)
 
 
 def summary_of(run_id: str) -> dict:

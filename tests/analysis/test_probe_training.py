@@ -115,3 +115,47 @@ def test_scoring_a_merged_adapter_equals_scoring_it_unmerged_and_restores_the_ba
     assert max(float((after[k] - v).abs().max()) for k, v in before.items()) < 1e-5
     flat = lambda scores: [x for pairs in scores.values() for pair in pairs for x in pair]  # noqa: E731
     assert flat(scorer.score(None)) == pytest.approx(flat(base_scores), abs=1e-5)
+
+
+def test_direction_monitor_on_the_tiny_model_matches_a_direct_projection(careless, tmp_path):
+    """The probe step with a direction: `direction/<name>/...` at every checkpoint, the base
+    model's value equal to projecting activations scored directly, the probe's margins unchanged."""
+    import numpy as np
+    import torch
+
+    from em_core.analysis.probe import ProbeScorer
+    from em_core.data.contrast_sets import load_contrast_sets
+    from em_core.models.steering import Directions
+
+    run, plain = careless
+    sets = load_contrast_sets(["general", "plant_care"])
+    scorer = ProbeScorer(plain.base_model, sets)
+    _, acts = scorer.score_with_activations(None)
+    layers, hidden = acts.shape[1], acts.shape[2]
+    vectors = torch.randn((layers, hidden), generator=torch.Generator().manual_seed(0))
+    path = Directions(vectors, {}, {"kind": "random"}).save(tmp_path / "directions.safetensors")
+    result = run_probe(ProbeConfig(train_run_id=run.run_id, sets=["general", "plant_care"], lora=False,
+                                   log_to_train_run=False, directions_path=str(path), directions_name="rand",
+                                   experiment_name="probe-test"))
+    m = result.metrics_by_step
+    assert sorted(m) == plain.steps
+    for s in plain.steps:  # scoring with activations leaves the likelihoods as they were
+        assert m[s]["probe/plant_care/margin"] == pytest.approx(plain.metrics_by_step[s]["probe/plant_care/margin"], abs=1e-6)
+        assert {f"direction/rand/layer{l:02d}/projection" for l in range(layers)} <= set(m[s])
+    x = acts.double().numpy()
+    pair = (x[0::2] + x[1::2]) / 2
+    u = vectors.double().numpy()
+    u /= np.linalg.norm(u, axis=-1, keepdims=True)
+    for layer in range(layers):
+        assert m[0][f"direction/rand/layer{layer:02d}/projection"] == pytest.approx(float((pair[:, layer] @ u[layer]).mean()), abs=1e-4)
+    assert m[0]["direction/rand/projection"] == pytest.approx(m[0][f"direction/rand/layer{layers // 2:02d}/projection"])
+    client = mlflow.MlflowClient()
+    hist = {h.step: h.value for h in client.get_metric_history(result.run_id, "direction/rand/projection")}
+    assert hist == pytest.approx({s: m[s]["direction/rand/projection"] for s in plain.steps})
+    summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/probe/summary.json")
+    assert summary["direction"]["layer"] == layers // 2 and summary["direction"]["source"] == str(path)
+    emerged = summary["direction"]["emergence_step"]
+    logged = client.get_run(result.run_id).data.metrics.get("direction/rand/emergence_step")
+    assert logged == (None if emerged is None else float(emerged))
+    print("direction monitor (random direction), middle layer:",
+          {s: round(m[s]["direction/rand/projection"], 4) for s in plain.steps}, "emergence:", emerged)

@@ -113,6 +113,36 @@ def test_smoke_test_is_said_plainly(first):
     assert "Smoke test" in html
 
 
+def test_console_summary_prints_the_logged_probe_margins_beside_the_judge(first):
+    """The newcomer's screen: the probe's margins per checkpoint (judge-free measurement) and its
+    emergence step, numbers equal to the pipeline run's logged metrics; the judge is a smoke test."""
+    import re
+
+    from em_core.experiments.pipeline import console_summary
+
+    result, _, _ = first
+    text = console_summary(result)
+    assert "judge (smoke test" in text and "judge-free measurement" in text
+    client = mlflow.MlflowClient()
+    logged = {m.step: m.value for m in client.get_metric_history(result.run_id, "probe/general/margin")}
+    logged_se = {m.step: m.value for m in client.get_metric_history(result.run_id, "probe/general/margin_se")}
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "judge-free measurement" in ln) + 2
+    printed = {}
+    for ln in lines[start:]:
+        m = re.match(r"^\s*(\d+)\s+([+-]\d+\.\d+) \+- (\d+\.\d+)", ln)
+        if not m:
+            break
+        printed[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    assert sorted(printed) == sorted(logged) == [0, 4, 8, 12]
+    for step, (margin, se) in printed.items():
+        assert margin == pytest.approx(logged[step], abs=5e-5)
+        assert se == pytest.approx(logged_se[step], abs=5e-5)
+    emerged = client.get_run(result.run_id).data.metrics.get("probe_emergence_step")
+    want = f"probe emergence step: {int(emerged)}" if emerged is not None else "probe emergence step: none"
+    assert want in text
+
+
 def test_plots_and_report_are_logged_and_non_empty(first):
     result, _, tmp = first
     local = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp / "all")))
@@ -335,3 +365,22 @@ def test_probe_overrides_keep_their_commas():
     assert cfg.probe == ["sets=general,plant_care", "batch_size=4"]
     probe = probe_config(cfg)
     assert probe.sets == ["general", "plant_care"] and probe.batch_size == 4
+
+
+def test_console_summary_prints_the_direction_monitor_and_phase_rules():
+    """Without running a pipeline: a run whose probe step monitored a direction and found the
+    phase rules' steps prints them beside the margins (values as logged)."""
+    from em_core.experiments.pipeline import PipelineResult, console_summary
+
+    by_step = {0: {"em_rate": 0.0, "probe/general/margin": -0.5, "probe/general/margin_se": 0.1,
+                   "direction/em/projection": 1.25, "direction/em/layer01/projection": 9.0},
+               8: {"em_rate": 0.1, "probe/general/margin": 0.2, "probe/general/margin_se": 0.1,
+                   "direction/em/projection": 2.5, "direction/em/emergence_step": 8,
+                   "lora_composition_step": 8, "lora_local_cos_step_k5ckpt": 8}}
+    text = console_summary(PipelineResult("r", {}, [], by_step, None, True))
+    assert "judge (smoke test" in text and "judge-free measurement" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.strip().startswith(("0 ", "8 "))]
+    assert [r[-1] for r in rows if "+-" in r] == ["+1.2500", "+2.5000"]
+    assert "direction em emergence step: 8" in text
+    assert "lora_local_cos_step_k5ckpt 8" in text and "lora_composition_step 8" in text
+    assert "probe emergence step: none" in text
