@@ -199,18 +199,36 @@ def sweep_on_ray(cfg) -> dict:
                 _, pending = ray.wait(refs, num_returns=len(refs), timeout=2.0)
         with sigterm_deferred():
             infos = ray.get(refs)
-    except (Terminated, KeyboardInterrupt):
+    except (Terminated, KeyboardInterrupt) as stop:
         # not force: each worker gets KeyboardInterrupt, so its trial's run ends KILLED and its
         # Optuna trial FAIL, as a local worker's would; the shared parent stays for a rerun
+        stopped_ms = int(time.time() * 1000)
         for ref in refs:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
         with contextlib.suppress(Exception), sigterm_deferred():
             ray.wait(refs, num_returns=len(refs), timeout=30)
+        if isinstance(stop, Terminated):
+            _relabel_cancelled_trials(cfg, stopped_ms, f"{stop} (the Ray launcher cancelled this worker)")
         raise
     log.info("sweep %s: %d Ray workers done in %.1f s", cfg.study_name, cfg.workers, time.time() - t0)
     closer = next((i for i in infos if i.get("parent_closed")), infos[-1])
     return {**closer, "workers": len(infos)}
+
+
+def _relabel_cancelled_trials(cfg, since_ms: int, reason: str) -> None:
+    """A cancelled worker sees only a KeyboardInterrupt and records "interrupted (Ctrl-C)"; the
+    launcher knows it was SIGTERM and says so on the trial runs that ended from then on."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(Exception):  # bookkeeping on the way out: never mask the signal
+        exp = client.get_experiment_by_name(cfg.experiment_name)
+        runs = client.search_runs([exp.experiment_id], f"tags.`{em_tags.SWEEP}` = '{cfg.study_name}' "
+                                                       "and attributes.status = 'KILLED'", max_results=1000)
+        for r in runs:
+            if (r.info.end_time or 0) >= since_ms and r.data.tags.get(em_tags.KILLED_REASON) == "interrupted (Ctrl-C)":
+                client.set_tag(r.info.run_id, em_tags.KILLED_REASON, reason)
 
 
 def slurm_array_script(commands: list[str], name: str, num_cpus: float, num_gpus: float,

@@ -33,11 +33,12 @@ def _ray_grid(tmp_path: Path, name: str, ray_address: str, **extra) -> list[str]
 
 
 def _wait_for_training(experiment: str, proc, log: Path, seen: set[str], timeout: float = 300):
-    """The next RUNNING train run (not in `seen`) of a grid cell, once its loop is under way."""
+    """The next RUNNING train run (not in `seen`) of a grid cell or sweep trial, once its loop is
+    under way."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
-        fresh = [r for r in _runs(experiment, "tags.`em.pipeline_step` = 'train' and attributes.status = 'RUNNING'")
+        fresh = [r for r in _runs(experiment, "tags.`em.entry_point` = 'train' and attributes.status = 'RUNNING'")
                  if r.info.run_id not in seen]
         if fresh:
             seen.add(fresh[0].info.run_id)
@@ -175,3 +176,37 @@ def test_a_down_tracking_server_is_said_once_while_mlflow_retries(tmp_path):
     notice = f"the MLflow tracking server at 127.0.0.1:{port} is unreachable ([Errno 111] Connection refused)"
     assert out.count(notice) == 1, out[-3000:]  # said once, though MLflow retried 3 times
     assert "Retrying (Retry(" not in out  # urllib3's own lines stay quiet
+
+
+def test_sigterm_to_the_ray_sweep_launcher_ends_its_trials_killed(server_store, tmp_path, ray_head):
+    """`em sweep --launcher ray` under a scheduler's SIGTERM ends as the grid launcher does: exit
+    143, the trial's run KILLED with the SIGTERM reason, its Optuna trial FAIL (not RUNNING, which
+    a later worker would take for a live one until the heartbeat grace)."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "pipeline_config": str(pipeline_yaml(tmp_path, "sweepterm")), "checkpoint_steps": [4000],
+        "lora_r": [2], "learning_rate": [1e-3, 1e-2], "objective": "final_probe_margin",
+        "probe_sets": ["plant_care"], "study_name": "sweepterm", "storage": storage, "n_trials": 1,
+        "pruner": "none", "experiment_name": "scale-sweepterm"}))
+    cmd = [sys.executable, "-m", "entrypoints.sweep", "--config", str(cfg), "--launcher", "ray",
+           "--workers", "1", "--ray_address", ray_head]
+    log = tmp_path / "launcher.log"
+    proc = spawn(cmd, child_env(**RAY_ENV), tmp_path, log)
+    try:
+        _wait_for_training("scale-sweepterm", proc, log, set())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        stop(proc)
+    out = log.read_text()
+    trials = optuna.load_study(study_name="sweepterm", storage=storage).trials
+    runs = _runs("scale-sweepterm", "tags.`em.entry_point` = 'train'")
+    print(f"\nFAULT sigterm ray sweep launcher: exit {proc.returncode}, trials {[t.state.name for t in trials]}, "
+          f"trial runs {[r.info.status for r in runs]}")
+    assert proc.returncode == 143, out[-3000:]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert "SIGTERM" in runs[0].data.tags["em.killed_reason"]
