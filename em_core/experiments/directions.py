@@ -141,12 +141,6 @@ class DirectionsResult:
     seconds: float
 
 
-def same_model(a: str, b: str) -> bool:
-    from em_core.models.refs import same_model as same
-
-    return same(a, b)
-
-
 def resolve_fine_tuned(spec: str, workdir: Path) -> tuple[str | None, str, dict[str, str]]:
     """(its base model, local adapter folder, provenance tags) of `fine_tuned` (models.refs.resolve:
     a registered adapter, a training run's last checkpoint, a PEFT adapter folder or hub adapter)."""
@@ -371,6 +365,8 @@ def run_directions(cfg: DirectionsConfig) -> DirectionsResult:
         adapter, prov = None, {}
         if cfg.fine_tuned:
             ft_base, adapter, prov = resolve_fine_tuned(cfg.fine_tuned, work)
+            from em_core.models.refs import same_model
+
             if ft_base and not same_model(ft_base, cfg.model):
                 raise ConfigError(f"fine_tuned {cfg.fine_tuned} was trained on {ft_base}, but model is {cfg.model}")
             if run is not None and prov:
