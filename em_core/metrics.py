@@ -100,14 +100,18 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
         return (NAN, NAN)
     if not 0 <= k <= n:
         raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
+    return _wilson_bounds(k / n, n, z)
+
+
+def _wilson_bounds(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson bounds of a rate p over n trials (n may be fractional: an effective sample size)."""
     z2 = z * z
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # at k == 0 or k == n the exact bound is 0 or 1; avoid 0.9999999999999999 from rounding
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    # at p == 0 or p == 1 the exact bound is 0 or 1; avoid 0.9999999999999999 from rounding
+    lo = 0.0 if p == 0 else max(0.0, centre - half)
+    hi = 1.0 if p == 1 else min(1.0, centre + half)
     return (lo, hi)
 
 
@@ -160,12 +164,19 @@ def clustered_mean_se(values: Iterable[float], clusters: Iterable[Any]) -> tuple
     mean = math.fsum(xs) / n
     sums: dict[Any, list[float]] = {}
     for x, g in zip(xs, gs):
-        sums.setdefault(g, []).append(x - mean)
-    k = len(sums)
-    if k < 2:
-        return (mean, NAN)
-    var = k / (k - 1) * math.fsum(math.fsum(e) ** 2 for e in sums.values()) / (n * n)
-    return (mean, math.sqrt(var))
+        c = sums.setdefault(g, [0.0, 0])
+        c[0] += x
+        c[1] += 1
+    return (mean, _cluster_robust_se(list(sums.values()), n, mean))
+
+
+def _cluster_robust_se(sums: Sequence[Sequence[float]], n: int, mean: float) -> float:
+    """The sandwich standard error of a mean from per-cluster (sum, count): each cluster's
+    residual sum is sum - count * mean; NaN with fewer than 2 clusters."""
+    g = len(sums)
+    if g < 2:
+        return NAN
+    return math.sqrt(g / (g - 1) * math.fsum((s - m * mean) ** 2 for s, m in sums) / (n * n))
 
 
 def check_bounds(bounds: str) -> str:
@@ -207,21 +218,14 @@ def clustered_rate_of_counts(counts: Sequence[Sequence[float]], z: float = Z_95)
     if n == 0:
         return {"rate": NAN, "lo": NAN, "hi": NAN, "deff": NAN, "n_eff": 0.0, "n_clusters": 0.0}
     p = math.fsum(k for k, _ in counts) / n
-    g = len(counts)
-    se = NAN if g < 2 else math.sqrt(g / (g - 1) * math.fsum((k - m * p) ** 2 for k, m in counts) / (n * n))
+    se = _cluster_robust_se(counts, n, p)
     binom = p * (1 - p) / n
     deff = 1.0
     if binom > 0 and not math.isnan(se):
         deff = max(1.0, se * se / binom)
     n_eff = n / deff
-    # Wilson at (p * n_eff) successes out of n_eff trials (fractional counts are fine here)
-    z2 = z * z
-    denom = 1 + z2 / n_eff
-    centre = (p + z2 / (2 * n_eff)) / denom
-    half = z * math.sqrt(p * (1 - p) / n_eff + z2 / (4 * n_eff * n_eff)) / denom
-    lo = 0.0 if p == 0 else max(0.0, centre - half)
-    hi = 1.0 if p == 1 else min(1.0, centre + half)
-    return {"rate": p, "lo": lo, "hi": hi, "deff": deff, "n_eff": n_eff, "n_clusters": float(g)}
+    lo, hi = _wilson_bounds(p, n_eff, z)  # Wilson at the effective sample size
+    return {"rate": p, "lo": lo, "hi": hi, "deff": deff, "n_eff": n_eff, "n_clusters": float(len(counts))}
 
 
 def _scores(rows: Iterable[Row]) -> list[tuple[float | None, float | None]]:
