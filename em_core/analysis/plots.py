@@ -705,6 +705,15 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], path: str | Path, *, ti
 
 # --------------------------------------------------------------------------- judge-free signals
 
+def _curve_with_band(ax, pts: Sequence[tuple[float, float, float]], label: str) -> None:
+    """(step, value, standard error) points as a line with its +/- 1.96 SE band (no band where
+    the error is unknown)."""
+    xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
+    line = ax.plot(xs, ys, marker="o", label=label)[0]
+    ax.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se), color=line.get_color(),
+                    alpha=0.15)
+
+
 StepMarks = int | Sequence[int] | None
 
 
@@ -763,11 +772,8 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
             pts = [(s, metrics[s][f"probe/{name}/margin"],
                     metrics[s].get(f"probe/{name}/margin_se_clustered", metrics[s].get(f"probe/{name}/margin_se", 0.0)))
                    for s in steps if f"probe/{name}/margin" in metrics[s]]
-            xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
             drawn["curves"][f"probe/{name}/margin"] = pts
-            line = ax_pr.plot(xs, ys, marker="o", label=name)[0]
-            ax_pr.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
-                               color=line.get_color(), alpha=0.15)
+            _curve_with_band(ax_pr, pts, name)
         if sets:
             ax_pr.axhline(0, lw=0.8, color="grey")
             ax_pr.set_ylabel("margin (nats / token)")
@@ -810,11 +816,8 @@ def plot_signals_vs_step(by_step: Mapping[int, Mapping[str, float]], path: str |
             for name in directions:
                 pts = [(s, metrics[s][f"direction/{name}/projection"], metrics[s].get(f"direction/{name}/projection_se", 0.0))
                        for s in steps if f"direction/{name}/projection" in metrics[s]]
-                xs, ys, se = (np.array(v, dtype=float) for v in zip(*pts))
                 drawn["curves"][f"direction/{name}/projection"] = pts
-                line = ax_dir.plot(xs, ys, marker="o", label=name)[0]
-                ax_dir.fill_between(xs, ys - 1.96 * np.nan_to_num(se), ys + 1.96 * np.nan_to_num(se),
-                                    color=line.get_color(), alpha=0.15)
+                _curve_with_band(ax_dir, pts, name)
             for i, (name, step) in enumerate(direction_marks):
                 ax_dir.axvline(step, ls="--", lw=1.0, color=f"C{i % 10}", label=f"{name} emerges: step {step}")
             ax_dir.set_ylabel("projection")
