@@ -103,8 +103,16 @@ def test_extract_directions_from_a_plain_peft_adapter_folder(mlflow_store, plain
                  "--experiment_name", "plain-directions"]) == 0
     run = _only_run("plain-directions")
     assert run.info.status == "FINISHED" and run.data.tags["em.adapter"] == str(plain_adapter)
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "directions")}
-    assert arts, "no directions artifact"
+    # extracted from the adapted model: the same extraction from the base gives other vectors
+    assert main(["directions", "extract", "--extract_from", "base", "--judge", "false",
+                 "--experiment_name", "plain-directions-base"]) == 0
+    from em_core.models.steering import Directions
+
+    tuned, base = (Directions.load(mlflow.artifacts.download_artifacts(
+        run_id=_only_run(e).info.run_id, artifact_path="directions/directions.safetensors"))
+        for e in ("plain-directions", "plain-directions-base"))
+    assert tuned.vectors.shape == base.vectors.shape and torch.isfinite(tuned.vectors).all()
+    assert not torch.allclose(tuned.vectors, base.vectors, atol=1e-4)
     # an adapter trained on another base is refused with both names
     bad = plain_adapter.parent / "other"
     bad.mkdir(exist_ok=True)
