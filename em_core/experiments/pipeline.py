@@ -721,8 +721,10 @@ def _probe_console_lines(by_step: Mapping[int, Mapping[str, float]]) -> list[str
                      + "".join(f"  {m.get(f'direction/{d}/projection', nan):>+18.4f}" for d in directions))
     found = _probe_summary(by_step)
     emerged = found.get("probe_emergence_step")
-    lines.append(f"probe emergence step: {emerged}" if emerged is not None
-                 else "probe emergence step: none (no checkpoint's margin is significantly above the base model's)")
+    # the rule runs on the general set (broad EM); a domain set's margin can rise without it
+    lines.append(f"probe emergence step (general set): {emerged}" if emerged is not None
+                 else "probe emergence step (general set): none (no checkpoint's general margin is significantly "
+                      "above the base model's)")
     for d in directions:
         step = _first_step_valued(by_step, f"direction/{d}/emergence_step")
         lines.append(f"direction {d} emergence step: {step if step is not None else 'none'}")

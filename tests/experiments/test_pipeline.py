@@ -139,7 +139,7 @@ def test_console_summary_prints_the_logged_probe_margins_beside_the_judge(first)
         assert margin == pytest.approx(logged[step], abs=5e-5)
         assert se == pytest.approx(logged_se[step], abs=5e-5)
     emerged = client.get_run(result.run_id).data.metrics.get("probe_emergence_step")
-    want = f"probe emergence step: {int(emerged)}" if emerged is not None else "probe emergence step: none"
+    want = f"probe emergence step (general set): {int(emerged)}" if emerged is not None else "probe emergence step (general set): none"
     assert want in text
 
 
@@ -383,4 +383,4 @@ def test_console_summary_prints_the_direction_monitor_and_phase_rules():
     assert [r[-1] for r in rows if "+-" in r] == ["+1.2500", "+2.5000"]
     assert "direction em emergence step: 8" in text
     assert "lora_local_cos_step_k5ckpt 8" in text and "lora_composition_step 8" in text
-    assert "probe emergence step: none" in text
+    assert "probe emergence step (general set): none" in text
